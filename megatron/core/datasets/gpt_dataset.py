@@ -1,0 +1,561 @@
+"""GPT pretraining samples cut from a token stream, with Megatron's index rules.
+
+A split of an indexed dataset (a contiguous range of sequence ids) is repeated for E epochs, shuffled,
+and read as one token stream; sample j is `seq_length + 1` tokens starting at token `j * seq_length`
+(consecutive samples share one token, so every token is a label exactly once). Three arrays say where
+each sample lies; they are identical to Megatron-LM's (same RNG, same call order), so a run sees the
+same samples in the same order as Megatron on the same data and seed:
+
+    document_index [E * n] int32   the split's sequence ids, E copies, shuffled with RandomState(seed)
+    sample_index   [N + 1, 2]      (position in document_index, token offset) where sample j starts
+    shuffle_index  [N] uint32      the order samples are served in; same RandomState, after the above
+
+If E > 1 and the last epoch contributes fewer than 80% of an epoch's samples, that epoch is shuffled
+apart from the others (document and shuffle index), so a partial epoch does not favour some documents.
+
+The arrays are cached as `.npy` under `<cache>/{md5}-GPTDataset-{split}-*.npy` (md5 of a JSON
+description of everything they depend on), written atomically and memory-mapped on later runs.
+
+Glossary: s = seq_length, E = epochs, n = sequences in the split, N = samples built.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron.core.datasets.indexed import IndexedDataset
+from megatron.core.errors import UserError
+
+SPLIT_NAMES = ("train", "valid", "test")
+_SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
+_BLEND_SURPLUS = 0.005  # each blended part builds 0.5% more samples than its share (Megatron's margin)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config and the parsing of --split / --data-path
+# ---------------------------------------------------------------------------------------------------
+def parse_split(split: str) -> List[float]:
+    """'949,50,1' -> [0.949, 0.05, 0.001]; missing trailing parts are 0."""
+    parts = [p for p in re.split(r"[,/]", split.strip()) if p.strip()]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(w < 0 or math.isnan(w) for w in weights) or sum(weights) <= 0:
+        raise UserError(
+            f"--split {split!r} is not train,valid,test weights; use e.g. --split 949,50,1"
+        )
+    weights += [0.0] * (3 - len(weights))
+    return (np.array(weights, dtype=np.float64) / np.sum(weights)).tolist()
+
+
+def split_matrix(fractions: List[float]) -> List[Optional[Tuple[float, float]]]:
+    """Book-ends of each split, e.g. [0.9, 0.1, 0] -> [(0, 0.9), (0.9, 1.0), None]."""
+    ends = [0.0]
+    for f in fractions:
+        ends.append(ends[-1] + f)
+    return [(a, b) if b > a else None for a, b in zip(ends[:-1], ends[1:])]
+
+
+def split_range(bookends: Tuple[float, float], n: int) -> Tuple[int, int]:
+    """The contiguous, unshuffled ids [beg, end) of one split of n sequences."""
+    return int(round(bookends[0] * float(n))), int(round(bookends[1] * float(n)))
+
+
+def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """--data-path in Megatron's forms: `p`, `w1 p1 w2 p2 ...`, or `p1 p2 ...` (weights from sizes)."""
+    items = [x.strip() for x in data_path if x.strip()]
+    if not items:
+        raise UserError("--data-path is empty; give a prefix written by tools/preprocess_data.py")
+
+    def number(x: str) -> Optional[float]:
+        try:
+            return float(x)
+        except ValueError:
+            return None
+
+    if len(items) % 2 == 0:
+        weights = [number(x) for x in items[0::2]]
+        if all(w is not None for w in weights):
+            if any(w <= 0 or math.isnan(w) for w in weights):
+                raise UserError(f"--data-path weights must be > 0, got {items[0::2]}")
+            return items[1::2], weights
+        if any(w is not None for w in weights):
+            raise UserError(
+                f"--data-path {' '.join(items)} mixes weights and prefixes; "
+                "use 'w1 prefix1 w2 prefix2 ...' or 'prefix1 prefix2 ...'"
+            )
+    if any(number(x) is not None for x in items):
+        raise UserError(
+            f"--data-path {' '.join(items)} has a number without its prefix; "
+            "use 'w1 prefix1 w2 prefix2 ...'"
+        )
+    return items, None
+
+
+@dataclass
+class GPTDatasetConfig:
+    """What the GPT datasets need from the command line."""
+
+    seq_length: int
+    """--seq-length: tokens per sample; each sample reads seq_length + 1 tokens (inputs and labels)."""
+
+    seed: int = 1234
+    """--seed: seeds the document and sample shuffles (numpy RandomState)."""
+
+    data_path: Optional[List[str]] = None
+    """--data-path: `prefix`, `w1 p1 w2 p2 ...` or `p1 p2 ...`; prefixes name `.bin/.idx` pairs."""
+
+    split: str = "969,30,1"
+    """--split: train,valid,test weights; each split is a contiguous range of the sequences.
+    Mock data always splits its documents evenly ("1,1,1"), as Megatron does."""
+
+    data_cache_path: Optional[str] = None
+    """--data-cache-path: index cache folder; default `<dir of first prefix>/cache/GPTDataset_indices`."""
+
+    mock: bool = False
+    """--mock-data: synthetic documents instead of files (for tests and smoke runs)."""
+
+    eod_token: int = 0
+    """End-of-document id of the tokenizer (resets positions / masks loss when asked)."""
+
+    vocab_size: Optional[int] = None
+    """Tokenizer vocab size (unpadded); every token read is checked to be below it. None = no check."""
+
+    reset_position_ids: bool = False
+    """--reset-position-ids: positions restart at 0 after each EOD."""
+
+    eod_mask_loss: bool = False
+    """--eod-mask-loss: no loss on EOD input tokens."""
+
+    tokenizer_description: str = ""
+    """Names the tokenizer (type and files) in the cache key, so another tokenizer never reuses an index."""
+
+    mock_num_documents: int = 1000
+    """Documents in the synthetic corpus when mock is set."""
+
+    blend: Tuple[List[str], Optional[List[float]]] = field(init=False, default=None)
+    """Parsed data_path: (prefixes, weights or None)."""
+
+    split_matrix: List[Optional[Tuple[float, float]]] = field(init=False, default=None)
+    """Parsed split: book-ends per split, None for an empty split."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seq_length, int) or self.seq_length < 1:
+            raise UserError(f"--seq-length must be a positive integer, got {self.seq_length}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if self.vocab_size is not None:
+            if self.vocab_size < 1:
+                raise UserError(f"vocab size must be positive, got {self.vocab_size}")
+            if not 0 <= self.eod_token < self.vocab_size:
+                raise UserError(f"EOD id {self.eod_token} is outside the vocab of {self.vocab_size}")
+        if self.mock:
+            if self.data_path:
+                raise UserError("--mock-data and --data-path exclude each other; drop one")
+            if self.vocab_size is None:
+                raise UserError("mock data needs the tokenizer's vocab size")
+            self.split = "1,1,1"
+        else:
+            if not self.data_path:
+                raise UserError("no training data: pass --data-path PREFIX (or --mock-data)")
+            self.blend = parse_blend(self.data_path)
+        self.split_matrix = split_matrix(parse_split(self.split))
+
+    @property
+    def cache_dir(self) -> Optional[str]:
+        """Where index arrays are cached; None for mock data (rebuilt in memory, it is cheap)."""
+        if self.mock:
+            return None
+        if self.data_cache_path:
+            return self.data_cache_path
+        return os.path.join(os.path.dirname(self.blend[0][0]), "cache", "GPTDataset_indices")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The on-disk index cache (shared with BlendedDataset)
+# ---------------------------------------------------------------------------------------------------
+def cached_arrays(
+    cache_dir: Optional[str],
+    base: str,
+    description: str,
+    names: Sequence[str],
+    build: Callable[[], Dict[str, np.ndarray]],
+) -> Dict[str, np.ndarray]:
+    """Load `names` from `<cache_dir>/<base>-<name>.npy` (memory-mapped), or build and save them.
+
+    Each file is written under a temporary name and renamed, the description last, so a crashed or
+    concurrent writer never leaves a file that a reader would take for complete. Ranks that build at
+    the same time write identical bytes; the last rename wins.
+    """
+    if cache_dir is None:
+        return build()
+    paths = {n: os.path.join(cache_dir, f"{base}-{n}.npy") for n in names}
+    desc_path = os.path.join(cache_dir, f"{base}-description.txt")
+    if os.path.isfile(desc_path) and all(os.path.isfile(p) for p in paths.values()):
+        return {n: np.load(p, mmap_mode="r", allow_pickle=False) for n, p in paths.items()}
+
+    arrays = build()
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        for n, p in paths.items():
+            tmp = f"{p}.{uuid.uuid4().hex[:12]}.tmp"  # unique per writer, even across hosts
+            with open(tmp, "wb") as f:
+                np.save(f, arrays[n], allow_pickle=False)
+            os.replace(tmp, p)
+        tmp = f"{desc_path}.{uuid.uuid4().hex[:12]}.tmp"
+        with open(tmp, "w") as f:
+            f.write(description)
+        os.replace(tmp, desc_path)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the dataset index cache in {cache_dir} ({e.strerror}); "
+            "pass --data-cache-path with a writable folder"
+        )
+    return arrays
+
+
+def describe(fields: dict) -> Tuple[str, str]:
+    """(JSON description, its md5): the cache key."""
+    text = json.dumps(fields, indent=4)
+    return text, hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Index construction (pure functions of lengths, ids, seed)
+# ---------------------------------------------------------------------------------------------------
+def num_epochs_for(tokens_per_epoch: int, num_samples: Optional[int], s: int) -> int:
+    """Smallest E with E * tokens_per_epoch >= num_samples * s + 1 (1 when num_samples is None)."""
+    if num_samples is None:
+        return 1
+    return max(1, -(-(num_samples * s + 1) // tokens_per_epoch))
+
+
+def build_document_index(
+    ids: np.ndarray, epochs: int, rng: np.random.RandomState, separate_last: bool
+) -> np.ndarray:
+    """E copies of `ids`, shuffled; the last epoch on its own when `separate_last`."""
+    if separate_last and epochs > 1:
+        first = build_document_index(ids, epochs - 1, rng, False)
+        last = build_document_index(ids, 1, rng, False)
+        return np.concatenate([first, last])
+    doc = np.tile(np.asarray(ids, dtype=np.int32), epochs)  # [E * n]
+    rng.shuffle(doc)
+    return doc
+
+
+def build_sample_index(
+    lengths: np.ndarray, document_index: np.ndarray, s: int, tokens_total: int
+) -> np.ndarray:
+    """[N + 1, 2] (position in document_index, offset) of each sample start, N = (tokens_total - 1) // s.
+
+    Sample j reads tokens [j*s, j*s + s] of the stream; its start is recorded in the (non-empty)
+    document holding stream token j*s, which is where the previous sample's last token lies. The first
+    row is (0, 0) even when that document is empty (as in Megatron's C++ walk).
+    """
+    n_samples = (tokens_total - 1) // s
+    doc_lengths = np.asarray(lengths)[document_index].astype(np.int64)  # [E * n]
+    ends = np.cumsum(doc_lengths)  # stream position just past each document
+    assert ends[-1] == tokens_total
+    starts = np.arange(n_samples + 1, dtype=np.int64) * s  # [N + 1] first stream token of each sample
+    where = np.searchsorted(ends, starts, side="right")  # first document ending after the token
+    offsets = starts - (ends[where] - doc_lengths[where])
+    index_max = max(document_index.shape[0], int(np.max(lengths)) if len(lengths) else 0)
+    dtype = np.int32 if index_max <= np.iinfo(np.int32).max else np.int64
+    sample_index = np.stack([where, offsets], axis=1).astype(dtype)  # [N + 1, 2]
+    sample_index[0] = 0
+    return sample_index
+
+
+def build_shuffle_index(first: int, total: int, rng: np.random.RandomState) -> np.ndarray:
+    """arange(total) with [0, first) and [first, total) shuffled separately (in that order)."""
+    dtype = np.uint32 if total < np.iinfo(np.uint32).max - 1 else np.int64
+    head = np.arange(first, dtype=dtype)
+    rng.shuffle(head)
+    if first == total:
+        return head
+    tail = np.arange(first, total, dtype=dtype)
+    rng.shuffle(tail)
+    return np.concatenate([head, tail])
+
+
+def build_indices(
+    lengths: np.ndarray, ids: np.ndarray, num_samples: Optional[int], s: int, seed: int
+) -> Dict[str, np.ndarray]:
+    """Megatron's three GPT index arrays for the split `ids` of a dataset with `lengths`."""
+    tokens_per_epoch = int(np.sum(np.asarray(lengths)[ids], dtype=np.int64))
+    epochs = num_epochs_for(tokens_per_epoch, num_samples, s)
+    separate_last, before_last = False, None
+    if epochs > 1:
+        before_last = ((epochs - 1) * tokens_per_epoch - 1) // s
+        from_last = num_samples - before_last
+        per_epoch = (tokens_per_epoch - 1) // s
+        assert 0 <= from_last <= per_epoch + 1
+        separate_last = from_last < int(_SEPARATE_FINAL_EPOCH_THRESHOLD * per_epoch)
+    rng = np.random.RandomState(seed)
+    document_index = build_document_index(ids, epochs, rng, separate_last)
+    sample_index = build_sample_index(lengths, document_index, s, epochs * tokens_per_epoch)
+    n = sample_index.shape[0] - 1
+    shuffle_index = build_shuffle_index(before_last if separate_last else n, n, rng)
+    return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------
+class GPTDataset:
+    """Samples of one split of one indexed dataset; `ds[k]` is the k-th sample in training order.
+
+    `indexed` is an IndexedDataset (or anything with `sequence_lengths` and `get`), `sequence_ids` the
+    split's contiguous ids, `prefix` None for in-memory data (then nothing is cached).
+
+    `ds[k]` = {tokens int64 [s], labels int64 [s], loss_mask float32 [s], position_ids int64 [s]}.
+    """
+
+    def __init__(
+        self,
+        indexed,
+        prefix: Optional[str],
+        sequence_ids: np.ndarray,
+        num_samples: Optional[int],
+        split_name: str,
+        config: GPTDatasetConfig,
+    ) -> None:
+        self.indexed = indexed
+        self.prefix = prefix
+        self.split_name = split_name
+        self.num_samples = num_samples
+        self.config = config
+        s = config.seq_length
+        ids = np.asarray(sequence_ids, dtype=np.int32)
+        tokens_per_epoch = int(np.sum(indexed.sequence_lengths[ids], dtype=np.int64))
+        if tokens_per_epoch <= 1:
+            raise UserError(
+                f"the {split_name} split of {prefix or 'the mock data'} has {len(ids)} sequences and "
+                f"{tokens_per_epoch} tokens, too few to cut samples from; give it more data or set its "
+                "--split weight to 0"
+            )
+        self.description = {
+            "class": type(self).__name__,
+            "dataset_path": prefix,
+            "num_samples": num_samples,
+            "index_split": split_name,
+            "split": config.split,
+            "sequences": [int(ids[0]), int(ids[-1]) + 1] if len(ids) else [0, 0],
+            "num_sequences": len(ids),
+            "tokens_per_epoch": tokens_per_epoch,
+            "random_seed": config.seed,
+            "sequence_length": s,
+            "tokenizer": config.tokenizer_description,
+        }
+        text, md5 = describe(self.description)
+        arrays = cached_arrays(
+            config.cache_dir if prefix is not None else None,
+            f"{md5}-GPTDataset-{split_name}",
+            text,
+            ("document_index", "sample_index", "shuffle_index"),
+            lambda: build_indices(indexed.sequence_lengths, ids, num_samples, s, config.seed),
+        )
+        self.document_index = arrays["document_index"]  # [E * n] int32
+        self.sample_index = arrays["sample_index"]  # [N + 1, 2]
+        self.shuffle_index = arrays["shuffle_index"]  # [N]
+
+    def __len__(self) -> int:
+        return self.sample_index.shape[0] - 1
+
+    def read(self, k: int) -> np.ndarray:
+        """The s + 1 tokens of the k-th sample (int64), spanning documents as needed."""
+        j = int(self.shuffle_index[k])
+        d0, o0 = (int(x) for x in self.sample_index[j])
+        d1, o1 = (int(x) for x in self.sample_index[j + 1])
+        doc = self.document_index
+        get = self.indexed.get
+        if d0 == d1:
+            parts = [get(int(doc[d0]), o0, o1 - o0 + 1)]
+        else:
+            parts = [get(int(doc[d0]), o0)]
+            parts += [get(int(doc[d])) for d in range(d0 + 1, d1)]
+            parts.append(get(int(doc[d1]), 0, o1 + 1))
+        x = np.concatenate(parts).astype(np.int64)  # [s + 1]
+        assert x.shape[0] == self.config.seq_length + 1, (x.shape, k)
+        return x
+
+    def _check_vocab(self, x: np.ndarray) -> None:
+        v = self.config.vocab_size
+        if v is None or x.size == 0:
+            return
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= v:
+            bad = hi if hi >= v else lo
+            raise UserError(
+                f"token id {bad} in {self.prefix} is outside this tokenizer's vocab of {v}: the data was "
+                "probably preprocessed with another tokenizer; re-run tools/preprocess_data.py with the "
+                "tokenizer flags of this run"
+            )
+
+    def __getitem__(self, k: int) -> Dict[str, np.ndarray]:
+        x = self.read(k)  # [s + 1]
+        self._check_vocab(x)
+        tokens, labels = x[:-1], x[1:]  # [s], [s]
+        loss_mask, position_ids = masks_and_positions(
+            tokens, self.config.eod_token, self.config.reset_position_ids, self.config.eod_mask_loss
+        )
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+
+
+def masks_and_positions(tokens: np.ndarray, eod: int, reset_position_ids: bool, eod_mask_loss: bool):
+    """(loss_mask float32 [s], position_ids int64 [s]) for a left-to-right LM."""
+    s = tokens.shape[0]
+    loss_mask = np.ones(s, dtype=np.float32)
+    if eod_mask_loss:
+        loss_mask[tokens == eod] = 0.0
+    position_ids = np.arange(s, dtype=np.int64)
+    if reset_position_ids:
+        # Each position counts from the token after the last EOD before it (the EOD closes its document).
+        restart = np.zeros(s, dtype=np.int64)
+        after_eod = np.flatnonzero(tokens[:-1] == eod) + 1
+        restart[after_eod] = after_eod
+        position_ids -= np.maximum.accumulate(restart)
+    return loss_mask, position_ids
+
+
+class MockIndexedDataset:
+    """An in-memory stand-in for IndexedDataset: random documents, each ending in EOD.
+
+    Lengths are uniform in [1, max_length], ids uniform over the vocab minus EOD; all drawn from
+    numpy's default_rng(seed), so the corpus is a pure function of its arguments.
+    """
+
+    def __init__(self, num_documents: int, vocab_size: int, eod: int, seed: int, max_length: int = 256):
+        assert vocab_size >= 2, "mock data needs at least one id besides EOD"
+        rng = np.random.default_rng(seed)
+        self.sequence_lengths = rng.integers(1, max_length + 1, size=num_documents).astype(np.int32)  # [n]
+        self.sequence_pointers = np.concatenate([[0], np.cumsum(self.sequence_lengths[:-1], dtype=np.int64)])
+        total = int(np.sum(self.sequence_lengths, dtype=np.int64))
+        ids = rng.integers(0, vocab_size - 1, size=total)
+        ids[ids >= eod] += 1  # skip the EOD id
+        ids[self.sequence_pointers + self.sequence_lengths - 1] = eod
+        self.tokens = ids.astype(np.int64)  # [total]
+        self.document_indices = np.arange(num_documents + 1, dtype=np.int64)
+        self.dtype = self.tokens.dtype
+
+    @classmethod
+    def for_config(cls, config: GPTDatasetConfig) -> "MockIndexedDataset":
+        return cls(config.mock_num_documents, config.vocab_size, config.eod_token, config.seed)
+
+    def __len__(self) -> int:
+        return self.sequence_lengths.shape[0]
+
+    def get(self, i: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        n = int(self.sequence_lengths[i])
+        if length is None:
+            length = n - offset
+        assert 0 <= offset and offset + length <= n
+        p = int(self.sequence_pointers[i]) + offset
+        return self.tokens[p : p + length]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+
+class MockGPTDataset(GPTDataset):
+    """GPTDataset over MockIndexedDataset (config.mock_num_documents documents, seeded by config.seed)."""
+
+    def __init__(
+        self,
+        config: GPTDatasetConfig,
+        num_samples: Optional[int],
+        split_name: str = "train",
+        sequence_ids: Optional[np.ndarray] = None,
+        indexed: Optional[MockIndexedDataset] = None,
+    ) -> None:
+        if indexed is None:
+            indexed = MockIndexedDataset.for_config(config)
+        if sequence_ids is None:
+            sequence_ids = np.arange(len(indexed), dtype=np.int32)
+        super().__init__(indexed, None, sequence_ids, num_samples, split_name, config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splits and blends
+# ---------------------------------------------------------------------------------------------------
+def _build_splits(config: GPTDatasetConfig, prefix: Optional[str], indexed, sizes: Sequence[Optional[int]]):
+    """One GPTDataset per split of one prefix (None where the split is off or needs no samples)."""
+    n = len(indexed)
+    out = []
+    for name, bookends, size in zip(SPLIT_NAMES, config.split_matrix, sizes):
+        if bookends is None or size == 0:
+            out.append(None)
+            continue
+        beg, end = split_range(bookends, n)
+        if beg == end and size is None:
+            out.append(None)
+            continue
+        ids = np.arange(beg, end, dtype=np.int32)
+        if prefix is None:
+            out.append(MockGPTDataset(config, size, name, ids, indexed))
+        else:
+            out.append(GPTDataset(indexed, prefix, ids, size, name, config))
+    return out
+
+
+def build_gpt_datasets(config: GPTDatasetConfig, num_samples: Sequence[Optional[int]]) -> tuple:
+    """(train, valid, test) datasets with at least num_samples[i] samples each (None: one epoch).
+
+    A split is None when its --split weight is 0 or it needs 0 samples. With a weighted blend each
+    split is a BlendedDataset over one GPTDataset per prefix, each built with ceil(ceil(n * w) * 1.005)
+    samples; with unweighted prefixes the parts are one epoch each and weighted by their sizes.
+    """
+    from megatron.core.datasets.blended import BlendedDataset  # blended.py imports this module
+
+    sizes = list(num_samples)
+    assert len(sizes) == 3, "num_samples is (train, valid, test)"
+    if config.mock:
+        return tuple(_build_splits(config, None, MockIndexedDataset.for_config(config), sizes))
+    prefixes, weights = config.blend
+    indexed = [IndexedDataset(p) for p in prefixes]  # a missing or broken file fails before any work
+    if len(prefixes) == 1 and weights is None:
+        return tuple(_build_splits(config, prefixes[0], indexed[0], sizes))
+
+    if weights is not None:
+        weights = (np.array(weights, dtype=np.float64) / np.sum(weights)).tolist()
+        for size in sizes:
+            assert size is not None, "a weighted blend needs a sample count per split"
+        targets = [[math.ceil(size * w) for size in sizes] for w in weights]  # [prefix][split]
+        buffers = [[math.ceil(t * (1 + _BLEND_SURPLUS)) for t in row] for row in targets]
+        parts = [_build_splits(config, p, x, b) for p, x, b in zip(prefixes, indexed, buffers)]
+    else:
+        one_epoch = [None if size else 0 for size in sizes]
+        parts = [_build_splits(config, p, x, one_epoch) for p, x in zip(prefixes, indexed)]
+
+    out = []
+    for i, size in enumerate(sizes):
+        if config.split_matrix[i] is None or size == 0:
+            out.append(None)
+            continue
+        datasets = [part[i] for part in parts]
+        if any(d is None for d in datasets):
+            empty = prefixes[[d is None for d in datasets].index(True)]
+            raise UserError(
+                f"the {SPLIT_NAMES[i]} split of {empty} is empty; give it more data or set that "
+                "split's --split weight to 0"
+            )
+        if weights is not None:
+            w, n = weights, sum(row[i] for row in targets)
+        else:
+            w = [len(d) for d in datasets]
+            if 0 in w:
+                raise UserError(
+                    f"the {SPLIT_NAMES[i]} split of {prefixes[w.index(0)]} is shorter than one sample of "
+                    f"{config.seq_length + 1} tokens; give it more data or change --split"
+                )
+            n = None if size is None else min(size, sum(w))
+        out.append(BlendedDataset(datasets, w, n, config.cache_dir, SPLIT_NAMES[i]))
+    return tuple(out)

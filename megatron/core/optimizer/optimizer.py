@@ -1,0 +1,94 @@
+"""AdamW with Megatron's parameter groups, loss-scale handling and global-norm clipping.
+
+`step()` does, in order: unscale the gradients (fp16), look for inf/nan, update the loss scale, skip
+the step on overflow, clip by global L2 norm, step. It returns what the log line needs.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    fp16: bool = False
+    loss_scale: Optional[float] = None  # constant scale; None = dynamic (fp16 only)
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # before clipping; nan when the step was skipped
+    skipped: bool
+    loss_scale: float
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """No weight decay on biases and norm weights (every 1-D parameter), as in Megatron."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() == 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Optimizer:
+    def __init__(self, model: nn.Module, config: OptimizerConfig):
+        self.config = config
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.adam = torch.optim.AdamW(
+            param_groups(model, config.weight_decay), lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+        )
+        if config.loss_scale is not None:
+            self.scaler = ConstantGradScaler(config.loss_scale)
+        elif config.fp16:
+            self.scaler = DynamicGradScaler(config.initial_loss_scale, config.min_loss_scale,
+                                            config.loss_scale_window, config.hysteresis)
+        else:
+            self.scaler = None
+
+    @property
+    def loss_scale(self) -> float:
+        return 1.0 if self.scaler is None else self.scaler.scale
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.adam.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        self.adam.zero_grad(set_to_none=True)
+
+    def step(self) -> StepResult:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.scaler is not None:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+            found_inf = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            self.scaler.update(found_inf)
+            if found_inf:
+                return StepResult(float("nan"), True, self.loss_scale)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad if self.config.clip_grad > 0 else float("inf"))
+        self.adam.step()
+        return StepResult(float(norm), False, self.loss_scale)
+
+    def state_dict(self) -> dict:
+        return {"adam": self.adam.state_dict(),
+                "grad_scaler": None if self.scaler is None else self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adam.load_state_dict(state["adam"])
+        if self.scaler is not None and state.get("grad_scaler") is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])

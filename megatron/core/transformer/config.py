@@ -1,0 +1,71 @@
+"""TransformerConfig: the model's shape and numerics, validated once.
+
+Names follow Megatron's command-line flags (`--hidden-size` -> `hidden_size`) so a config reads like the
+launch script that made it.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.errors import UserError
+
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+@dataclass
+class TransformerConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    seq_length: int
+    vocab_size: int  # padded vocabulary (multiple of --make-vocab-size-divisible-by)
+    max_position_embeddings: Optional[int] = None  # defaults to seq_length
+    ffn_hidden_size: Optional[int] = None  # defaults to 4h, or Megatron's SwiGLU size
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int = 10000
+    normalization: str = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = False
+    causal: bool = True  # GPT decoder; BERT sets False and passes a padding mask
+
+    def __post_init__(self):
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.ffn_hidden_size is None:
+            # Megatron: 4h, or for SwiGLU 2/3 of that (same parameter count) rounded down to 64.
+            self.ffn_hidden_size = (
+                int(4 * self.hidden_size * 2 / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size
+            )
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                     "ffn_hidden_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                f"{self.num_attention_heads}; choose sizes with hidden_size % heads == 0"
+            )
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise UserError(f"--position-embedding-type must be one of {POSITION_EMBEDDING_TYPES}")
+        if self.normalization not in NORMALIZATIONS:
+            raise UserError(f"--normalization must be one of {NORMALIZATIONS}")
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            raise UserError(f"RoPE needs an even head dimension, got {self.head_dim}; change --hidden-size or heads")
+        if self.seq_length > self.max_position_embeddings:
+            raise UserError(
+                f"--seq-length {self.seq_length} is longer than the position table "
+                f"(--max-position-embeddings {self.max_position_embeddings}); raise --max-position-embeddings"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads

@@ -1,0 +1,98 @@
+"""What a run reports: Megatron's log line, one JSON object per logged iteration, TensorBoard scalars.
+
+The same numbers feed all three, so the JSON is a faithful machine-readable copy of the log line.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_train_line(m: dict) -> str:
+    """Megatron's training log line; LTD fields are added when random-LTD is on."""
+    parts = [
+        f" [{timestamp()}] iteration {m['iteration']:8d}/{m['train_iters']:8d}",
+        f"consumed samples: {m['consumed_samples']:12d}",
+        f"elapsed time per iteration (ms): {m['elapsed_ms_per_iteration']:.1f}",
+        f"tokens per second: {m['tokens_per_sec']:.1f}",
+        f"learning rate: {m['lr']:.6E}",
+        f"global batch size: {m['global_batch_size']:5d}",
+        f"lm loss: {m['lm_loss']:.6E}",
+    ]
+    if "ltd_seq_length" in m:
+        parts += [
+            f"ltd seq length: {m['ltd_seq_length']:5d}",
+            f"consumed layer tokens: {m['consumed_layer_tokens']:d}",
+            f"layer-token saving: {100 * m['layer_token_saving']:.2f}%",
+        ]
+    parts += [
+        f"loss scale: {m['loss_scale']:.1f}",
+        f"grad norm: {m['grad_norm']:.3f}",
+        f"number of skipped iterations: {m['skipped_iterations']:3d}",
+        f"number of nan iterations: {m['nan_iterations']:3d}",
+    ]
+    return " | ".join(parts) + " |"
+
+
+def format_validation_block(iteration: int, loss: float, name: str = "validation") -> str:
+    ppl = math.exp(min(20.0, loss))
+    line = (f" {name} loss at iteration {iteration} on {name} set | lm loss value: {loss:.6E} | "
+            f"lm loss PPL: {ppl:.6E} | ")
+    dashes = "-" * len(line)
+    return f"{dashes}\n{line}\n{dashes}"
+
+
+class RunLogger:
+    """Writes the log line to stdout, JSON lines to `--log-json`, scalars to `--tensorboard-dir`."""
+
+    def __init__(self, log_json: Optional[str] = None, tensorboard_dir: Optional[str] = None):
+        self.json_file = None
+        if log_json:
+            os.makedirs(os.path.dirname(os.path.abspath(log_json)), exist_ok=True)
+            self.json_file = open(log_json, "a")
+        self.tb = None
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard is a dependency; import is slow
+
+            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+
+    def train(self, metrics: dict) -> None:
+        print(format_train_line(metrics), flush=True)
+        self._json(metrics)
+        if self.tb:
+            step = metrics["iteration"]
+            for key in ("lm_loss", "lr", "grad_norm", "loss_scale", "tokens_per_sec", "ltd_seq_length",
+                        "layer_token_saving"):
+                if key in metrics:
+                    self.tb.add_scalar(key.replace("_", "-") if key != "lm_loss" else "lm loss", metrics[key], step)
+            self.tb.add_scalar("lm loss vs samples", metrics["lm_loss"], metrics["consumed_samples"])
+            if "consumed_layer_tokens" in metrics:
+                self.tb.add_scalar("lm loss vs layer tokens", metrics["lm_loss"], metrics["consumed_layer_tokens"])
+
+    def validation(self, iteration: int, consumed_samples: int, loss: float, name: str = "validation",
+                   extra: Optional[dict] = None) -> None:
+        print(format_validation_block(iteration, loss, name), flush=True)
+        key = "val" if name == "validation" else name
+        record = {"iteration": iteration, "consumed_samples": consumed_samples,
+                  f"{key}_loss": loss, f"{key}_ppl": math.exp(min(20.0, loss)), **(extra or {})}
+        self._json(record)
+        if self.tb:
+            self.tb.add_scalar(f"lm loss {name}", loss, iteration)
+            self.tb.add_scalar(f"lm loss {name} ppl", record[f"{key}_ppl"], iteration)
+
+    def _json(self, record: dict) -> None:
+        if self.json_file:
+            self.json_file.write(json.dumps(record) + "\n")
+            self.json_file.flush()
+
+    def close(self) -> None:
+        if self.json_file:
+            self.json_file.close()
+        if self.tb:
+            self.tb.close()

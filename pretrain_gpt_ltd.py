@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Pretrain a GPT model with random-LTD: parse Megatron's flags, build model and data, train.
+
+    python pretrain_gpt_ltd.py --num-layers 4 --hidden-size 256 --num-attention-heads 8 \
+        --seq-length 256 --micro-batch-size 8 --global-batch-size 8 --train-iters 300 --lr 1e-3 \
+        --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt \
+        --data-path my-corpus_text_document --random-ltd --random-ltd-start-seq-length 64 ...
+"""
+
+import sys
+
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tokenizer import build_tokenizer, tokenizer_config_from_args, vocab_size_with_padding
+from megatron.core.transformer.config import TransformerConfig
+from megatron.training.arguments import parse_args
+from megatron.training.cli import run_cli
+from megatron.training.trainer import pretrain
+
+
+def transformer_config(args, vocab_size: int, causal: bool = True) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        seq_length=args.seq_length, vocab_size=vocab_size, max_position_embeddings=args.max_position_embeddings,
+        ffn_hidden_size=args.ffn_hidden_size, position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
+        swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights, causal=causal,
+    )
+
+
+def forward_step(model, batch, ltd):
+    """Masked mean of the per-token LM loss over this micro-batch."""
+    loss = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], ltd=ltd)  # [b, s]
+    mask = batch["loss_mask"].to(loss.dtype)  # [b, s]
+    lm_loss = (loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return lm_loss, {"lm loss": lm_loss.item()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tokenizer = build_tokenizer(tokenizer_config_from_args(args))
+    padded_vocab = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by, 1)
+    args.padded_vocab_size = padded_vocab
+    config = transformer_config(args, padded_vocab)
+
+    def model_provider(_args):
+        return GPTModel(config), config.num_layers
+
+    def datasets_provider(_args, num_samples):
+        data_config = GPTDatasetConfig(
+            seq_length=args.seq_length, seed=args.seed, data_path=args.data_path or [], split=args.split,
+            data_cache_path=args.data_cache_path, mock=args.mock_data, eod_token=tokenizer.eod,
+            vocab_size=tokenizer.vocab_size, reset_position_ids=args.reset_position_ids,
+            eod_mask_loss=args.eod_mask_loss, tokenizer_description=f"{args.tokenizer_type}:{tokenizer.vocab_size}",
+        )
+        return build_gpt_datasets(data_config, num_samples)
+
+    pretrain(args, model_provider, datasets_provider, forward_step)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,139 @@
+"""Gather -> layer -> scatter: kept rows equal the layer on the extracted sub-sequence, the others bypass."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.core.random_ltd import RandomLTDState, forward_layer, kept_indices, run_layer_on_kept
+
+
+class ToyAttention(torch.nn.Module):
+    """A one-head attention layer that depends on everything routing must get right: the order and
+    positions of tokens (RoPE from position_ids), causality, and the per-sample key padding mask."""
+
+    def __init__(self, h=8, causal=True):
+        super().__init__()
+        self.qkv = torch.nn.Linear(h, 3 * h)
+        self.out = torch.nn.Linear(h, h)
+        self.causal = causal
+        self.calls = []
+
+    @staticmethod
+    def rope(x, pos):  # x [b, n, h], pos [b, n]
+        half = x.shape[-1] // 2
+        freq = 1.0 / (10.0 ** (torch.arange(half, dtype=x.dtype) / half))  # [h/2]
+        ang = pos.to(x.dtype).unsqueeze(-1) * freq  # [b, n, h/2]
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], dim=-1)
+
+    def forward(self, x, position_ids=None, padding_mask=None):
+        b, n, h = x.shape
+        self.calls.append((position_ids, padding_mask))
+        pos = torch.arange(n).expand(b, n) if position_ids is None else position_ids  # [b, n]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [b, n, h] each
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        allowed = torch.ones(b, n, n, dtype=torch.bool)  # [b, n(query), n(key)]
+        if self.causal:
+            allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+        if padding_mask is not None:
+            allowed = allowed & ~padding_mask.unsqueeze(1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [b, n, h]
+        return x + self.out(y)
+
+
+def loop_reference(layer, hidden, idx, position_ids, padding_mask):
+    """Per-sample Python loop with index_copy: the slow, obvious way."""
+    rows = []
+    for i in range(hidden.shape[0]):
+        keep = idx[i]
+        pos = None if position_ids is None else position_ids[i, keep][None]
+        pad = None if padding_mask is None else padding_mask[i, keep][None]
+        if pos is None:
+            pos = keep[None]  # default positions 0..s-1, gathered
+        y = layer(hidden[i, keep][None], position_ids=pos, padding_mask=pad)[0]  # [r, h]
+        rows.append(hidden[i].index_copy(0, keep, y))  # [s, h]
+    return torch.stack(rows)  # [b, s, h]
+
+
+def make_inputs(b=4, s=16, h=8, r=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, s, h, generator=g, requires_grad=True)
+    idx = kept_indices(seed, 3, torch.arange(b), 1, s, r)  # [b, r]
+    position_ids = (torch.arange(s) + 5 * torch.arange(b)[:, None]).contiguous()  # [b, s], per sample
+    lengths = torch.tensor([s, s - 2, s - 4, s - 3])[:b]
+    padding_mask = torch.arange(s)[None, :] >= lengths[:, None]  # [b, s], padding at the end
+    return hidden, idx, position_ids, padding_mask
+
+
+@pytest.mark.parametrize("causal, use_pos, use_pad", [(True, True, False), (True, False, False), (False, True, True)])
+def test_matches_per_sample_loop(causal, use_pos, use_pad):
+    torch.manual_seed(0)
+    layer = ToyAttention(causal=causal)
+    hidden, idx, pos, pad = make_inputs()
+    pos = pos if use_pos else None
+    pad = pad if use_pad else None
+    out = run_layer_on_kept(layer, hidden, idx, pos, pad)  # [b, s, h]
+    ref = loop_reference(layer, hidden, idx, pos, pad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    bypass = torch.ones(hidden.shape[:2], dtype=torch.bool).scatter(1, idx, False)  # [b, s]
+    assert torch.equal(out[bypass], hidden[bypass]), "bypassed rows are bit-identical"
+    assert not torch.allclose(out[~bypass], hidden[~bypass])
+
+
+def test_layer_sees_gathered_positions_and_mask():
+    layer = ToyAttention(causal=False)
+    hidden, idx, pos, pad = make_inputs()
+    run_layer_on_kept(layer, hidden, idx, pos, pad)
+    got_pos, got_pad = layer.calls[-1]
+    assert torch.equal(got_pos, torch.stack([pos[i, idx[i]] for i in range(4)]))
+    assert torch.equal(got_pad, torch.stack([pad[i, idx[i]] for i in range(4)]))
+    run_layer_on_kept(layer, hidden, idx)
+    got_pos, got_pad = layer.calls[-1]
+    assert torch.equal(got_pos, idx) and got_pad is None, "default positions are the original 0..s-1"
+
+
+def test_gradients_match_dense_masked_reference():
+    torch.manual_seed(0)
+    layer = ToyAttention(causal=True)
+    hidden, idx, pos, _ = make_inputs()
+    upstream = torch.randn(hidden.shape)
+
+    out = run_layer_on_kept(layer, hidden, idx, pos)
+    (g_hidden, *g_params) = torch.autograd.grad((out * upstream).sum(), [hidden, *layer.parameters()])
+
+    # dense reference: every row computed, then kept by a mask; the loop gives the kept rows' values
+    kept = torch.zeros(hidden.shape[:2]).scatter(1, idx, 1.0).unsqueeze(-1)  # [b, s, 1]
+    layer_rows = loop_reference(layer, hidden, idx, pos, None)  # kept rows = layer output
+    ref = hidden * (1 - kept) + layer_rows * kept  # [b, s, h]
+    (r_hidden, *r_params) = torch.autograd.grad((ref * upstream).sum(), [hidden, *layer.parameters()])
+
+    torch.testing.assert_close(g_hidden, r_hidden, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_params, r_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    bypass = kept.squeeze(-1) == 0
+    assert torch.equal(g_hidden[bypass], upstream[bypass]), "identity gradient on bypassed rows"
+
+
+def test_state_decides_which_layers_drop():
+    ids = torch.tensor([4, 9])
+    state = RandomLTDState(seed=1, iteration=2, sample_ids=ids, keep=6, layers=frozenset({1, 2}))
+    assert state.indices_for(0, 16) is None and state.indices_for(3, 16) is None
+    assert torch.equal(state.indices_for(2, 16), kept_indices(1, 2, ids, 2, 16, 6))
+    assert torch.equal(state.indices_for(1, 16), kept_indices(1, 2, ids, 1, 16, 6))
+    assert state.indices_for(2, 16) is state.indices_for(2, 16), "drawn once, reused on recomputation"
+    assert torch.equal(state.indices_for(2, 32), kept_indices(1, 2, ids, 2, 32, 6)), "per sequence length"
+    assert state.indices_for(2, 6) is None, "r >= s runs the full sequence"
+
+
+def test_forward_layer_dense_and_dropped_paths():
+    torch.manual_seed(0)
+    layer = ToyAttention(causal=True)
+    hidden, _, pos, _ = make_inputs(b=2)
+    dense = layer(hidden, position_ids=pos)
+    assert torch.equal(forward_layer(layer, hidden, 1, None, pos), dense), "eval: no state, full sequence"
+    state = RandomLTDState(seed=0, iteration=3, sample_ids=torch.arange(2), keep=10, layers=frozenset({1}))
+    assert torch.equal(forward_layer(layer, hidden, 0, state, pos), dense), "layer outside the LTD set"
+    idx = kept_indices(0, 3, torch.arange(2), 1, 16, 10)
+    assert torch.equal(forward_layer(layer, hidden, 1, state, pos), run_layer_on_kept(layer, hidden, idx, pos))
+    full = RandomLTDState(seed=0, iteration=3, sample_ids=torch.arange(2), keep=16, layers=frozenset({1}))
+    assert torch.equal(forward_layer(layer, hidden, 1, full, pos), dense)
