@@ -32,7 +32,7 @@ rm -f "$OUT/metrics.jsonl"
   --random-ltd-ramp-fraction 0.7 \
   --tokenizer-type GPT2BPETokenizer --vocab-file "$OUT/tokenizer/vocab.json" \
   --merge-file "$OUT/tokenizer/merges.txt" --data-path "$OUT/data/corpus_text_document" --split 949,50,1 \
-  --log-interval 20 --eval-interval 100 --eval-iters 5 --num-workers 0 --seed 1234 \
+  --log-interval 20 --eval-interval 50 --eval-iters 10 --num-workers 0 --seed 1234 \
   --save "$OUT/checkpoints" --save-interval 200 --log-json "$OUT/metrics.jsonl" \
   --tensorboard-dir "$OUT/tensorboard"
 

@@ -7,8 +7,11 @@ in sorted order, duplicate texts dropped, texts with memory addresses skipped, a
 `python -I -S` child, so neither site-packages nor whatever the caller imported can change it (importing
 torch replaces `inspect.getfile`; pytest replaces `sys.unraisablehook`).
 
-Documents, in order: one per help topic; then for each module in `MODULES` (those that import), its module
+Documents: one per help topic; then for each module in `MODULES` (those that import), its module
 docstring, one per public function, and one per public class (class docstring followed by its methods').
+They are written in a fixed shuffled order (seed 0): Megatron's `--split` cuts contiguous ranges, and in
+walk order the validation split would be the last few modules only, a different distribution from the
+training text.
 
     python tools/make_sample_corpus.py --output data/sample.jsonl [--max-docs N]
 """
@@ -18,6 +21,7 @@ import importlib
 import inspect
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -130,7 +134,9 @@ def corpus_lines() -> list:
 
 def write_corpus(output: str, max_docs=None) -> tuple:
     """Write the corpus atomically (temp file in the same folder, then rename); return (documents, bytes)."""
-    lines = corpus_lines()[:max_docs]
+    lines = corpus_lines()
+    random.Random(0).shuffle(lines)  # see the module docstring: i.i.d. train/valid/test splits
+    lines = lines[:max_docs]
     folder = os.path.dirname(os.path.abspath(output))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sample-corpus-", suffix=".tmp")
     try:

@@ -10,6 +10,12 @@ import time
 from typing import Optional
 
 
+# JSON key -> TensorBoard tag (Megatron's tag names where it has one)
+TB_TAGS = {"lm_loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm", "loss_scale": "loss-scale",
+           "tokens_per_sec": "tokens-per-second", "ltd_seq_length": "ltd-seq-length",
+           "consumed_layer_tokens": "consumed-layer-tokens", "layer_token_saving": "layer-token-saving"}
+
+
 def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
@@ -52,25 +58,27 @@ class RunLogger:
     """Writes the log line to stdout, JSON lines to `--log-json`, scalars to `--tensorboard-dir`."""
 
     def __init__(self, log_json: Optional[str] = None, tensorboard_dir: Optional[str] = None):
+        # Opened on first write, so a run that fails before its first logged iteration leaves no files.
+        self.log_json, self.tensorboard_dir = log_json, tensorboard_dir
         self.json_file = None
-        if log_json:
-            os.makedirs(os.path.dirname(os.path.abspath(log_json)), exist_ok=True)
-            self.json_file = open(log_json, "a")
-        self.tb = None
-        if tensorboard_dir:
+        self._tb = None
+
+    @property
+    def tb(self):
+        if self._tb is None and self.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter  # tensorboard is a dependency; import is slow
 
-            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+            self._tb = SummaryWriter(log_dir=self.tensorboard_dir)
+        return self._tb
 
     def train(self, metrics: dict) -> None:
         print(format_train_line(metrics), flush=True)
         self._json(metrics)
         if self.tb:
             step = metrics["iteration"]
-            for key in ("lm_loss", "lr", "grad_norm", "loss_scale", "tokens_per_sec", "ltd_seq_length",
-                        "layer_token_saving"):
+            for key, tag in TB_TAGS.items():
                 if key in metrics:
-                    self.tb.add_scalar(key.replace("_", "-") if key != "lm_loss" else "lm loss", metrics[key], step)
+                    self.tb.add_scalar(tag, metrics[key], step)
             self.tb.add_scalar("lm loss vs samples", metrics["lm_loss"], metrics["consumed_samples"])
             if "consumed_layer_tokens" in metrics:
                 self.tb.add_scalar("lm loss vs layer tokens", metrics["lm_loss"], metrics["consumed_layer_tokens"])
@@ -87,6 +95,9 @@ class RunLogger:
             self.tb.add_scalar(f"lm loss {name} ppl", record[f"{key}_ppl"], iteration)
 
     def _json(self, record: dict) -> None:
+        if self.log_json and self.json_file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_json)), exist_ok=True)
+            self.json_file = open(self.log_json, "a")
         if self.json_file:
             self.json_file.write(json.dumps(record) + "\n")
             self.json_file.flush()
@@ -94,5 +105,5 @@ class RunLogger:
     def close(self) -> None:
         if self.json_file:
             self.json_file.close()
-        if self.tb:
-            self.tb.close()
+        if self._tb:
+            self._tb.close()

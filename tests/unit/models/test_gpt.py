@@ -71,3 +71,27 @@ def test_position_ids_reach_the_model():
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     learned = GPTModel(tiny()).eval()
     assert not torch.allclose(learned(tokens, pos), learned(tokens, pos + 3))
+
+
+def test_random_ltd_only_in_training_and_only_below_full_length():
+    from megatron.core.random_ltd import RandomLTDState
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny(num_layers=4))
+    tokens = torch.randint(0, 128, (2, 32))
+    ids = torch.arange(2)
+
+    def state(keep):
+        return RandomLTDState(seed=1, iteration=0, sample_ids=ids, keep=keep, layers=frozenset({1, 2}))
+
+    model.train()  # dropout is 0, so train mode differs from eval only through token dropping
+    dense = model(tokens)
+    assert not torch.allclose(model(tokens, ltd=state(8)), dense)
+    torch.testing.assert_close(model(tokens, ltd=state(32)), dense)  # r >= s: full sequence
+    model.eval()
+    torch.testing.assert_close(model(tokens, ltd=state(8)), dense)  # evaluation always sees every token
+    # causality still holds with dropping: a later token cannot change an earlier position's logits
+    model.train()
+    changed = tokens.clone()
+    changed[:, 20:] = (changed[:, 20:] + 1) % 128
+    torch.testing.assert_close(model(tokens, ltd=state(8))[:, :20], model(changed, ltd=state(8))[:, :20])

@@ -1,0 +1,267 @@
+"""Step time of dense vs random-LTD training on one GPTModel, next to the ratio its FLOP count predicts.
+
+Why: random-LTD only pays off if dropping tokens saves the time its FLOP count promises. What it adds
+(drawing the kept indices, gathering the kept rows, scattering them back, and the autograd work of both)
+is not in any FLOP count, so this script measures
+
+    measured ratio  = median over rounds of (LTD step time / dense step time of the same round)
+    predicted ratio = what the model's own FLOP count says (below)
+
+and, separately, the draw and the gather/scatter alone, to see how much of any gap they explain.
+Target: measured within 5 % of predicted.
+
+A step is forward + masked CE loss + backward + `Optimizer.step()` (AdamW, grad clipping) + zero_grad.
+Dense and LTD steps alternate on the same model and optimizer (one round = dense and every r/s, in a
+rotating order), after one warm-up round; medians over --steps rounds. Dropout is 0 by default so the
+step is the FLOP model's matmuls plus the usual per-token elementwise work.
+
+FLOP model, per step (matmul FLOPs, multiply-add = 2; forward + backward = 3 x forward):
+    a layer on n tokens per sample:  2bn(4h^2 + 2hf)   QKV, proj, fc1, fc2 (fc1 is 2f wide with SwiGLU)
+                                   + 2bn^2 h           causal attention: QK^T and AV, half the n x n square
+    LM head and loss:                2bshV
+LTD layers (1..L-2) see n = r; layers 0 and L-1, embeddings, head and loss see n = s.
+Optimizer: AdamW is memory-bound, so a FLOP count (~15 FLOPs/param) would make it look free; instead its
+time is measured in every step and treated as the same fixed cost in dense and LTD:
+    predicted = (t_opt + t_model * F_ltd / F_dense) / (t_opt + t_model),   t_model = t_dense - t_opt
+
+Usage:
+    python bench/ltd_step_time.py                       # CPU default, ~3 min on 2 cores
+    python bench/ltd_step_time.py --device cuda --dtype bf16 --hidden 2048 --heads 16 --seq 2048 \
+        --layers 4,8 --batch 4 --keep-fractions 0.25,0.5 --steps 10
+"""
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig  # noqa: E402
+from megatron.core.random_ltd import RandomLTDState, run_layer_on_kept  # noqa: E402
+from megatron.core.transformer.config import TransformerConfig  # noqa: E402
+
+SEED = 1234
+
+
+def ints(text):
+    return [int(x) for x in text.split(",")]
+
+
+def floats(text):
+    return [float(x) for x in text.split(",")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=ints, default=[4, 12])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--seq", type=ints, default=[256, 512])
+    p.add_argument("--keep-fractions", type=floats, default=[0.25, 0.5, 0.75], help="r/s values")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each variant per round)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 master weights")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    p.add_argument("--profile", action="store_true",
+                   help="per (L, s): torch.profiler op table of one dense and one LTD step at the smallest r")
+    p.add_argument("--markdown", help="also write the table (with command and machine) to this file")
+    return p.parse_args(argv)
+
+
+class Clock:
+    """Wall-clock seconds, synchronising the GPU first so queued kernels are counted where they belong."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def step_flops(L, h, f, s, b, V, keep, ltd_layers, swiglu=False):
+    """Training matmul FLOPs of one step (3 x forward); keep=None means dense."""
+    def layer(n):
+        return 2 * b * n * (4 * h * h + (3 if swiglu else 2) * h * f) + 2 * b * n * n * h
+    fwd = sum(layer(keep if (keep is not None and i in ltd_layers) else s) for i in range(L))
+    return 3 * (fwd + 2 * b * s * h * V)
+
+
+def identity_layer(part, position_ids=None, padding_mask=None):
+    return part
+
+
+def time_overhead(b, s, h, keep, ltd_layers, device, reps, clock):
+    """Median (draw, gather+scatter fwd+bwd) seconds per step for all LTD layers, with an identity layer.
+
+    The residual stream is fp32 in both dtypes (autocast leaves the embedding output and residual adds
+    in fp32), so gather/scatter move fp32 rows here too.
+    """
+    x0 = torch.randn(b, s, h, device=device, requires_grad=True)
+    grad = torch.randn(b, s, h, device=device)
+    sample_ids = torch.arange(b, device=device)
+    draws, moves = [], []
+    for it in range(reps + 1):
+        t0 = clock()
+        state = RandomLTDState(SEED, 10_000 + it, sample_ids, keep, frozenset(ltd_layers))
+        idx = [state.indices_for(layer, s) for layer in sorted(ltd_layers)]
+        t1 = clock()
+        x = x0
+        for i in idx:
+            x = run_layer_on_kept(identity_layer, x, i)
+        x.backward(grad)
+        t2 = clock()
+        x0.grad = None
+        if it:  # the first repetition is warm-up
+            draws.append(t1 - t0)
+            moves.append(t2 - t1)
+    return statistics.median(draws), statistics.median(moves)
+
+
+def bench_config(args, L, s, device, clock):
+    """Rows (one per r/s) for one (L, s): alternating dense/LTD steps on one model."""
+    torch.manual_seed(SEED)
+    h, b = args.hidden, args.batch
+    cfg = TransformerConfig(num_layers=L, hidden_size=h, num_attention_heads=args.heads, seq_length=s,
+                            vocab_size=args.vocab, hidden_dropout=args.dropout, attention_dropout=args.dropout)
+    model = GPTModel(cfg).to(device).train()
+    opt = Optimizer(model, OptimizerConfig(lr=1e-4))
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(0, args.vocab, (b, s + 1), device=device)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(s, device=device).expand(b, s)
+    loss_mask = torch.ones(b, s, device=device)
+    loss_mask[:, -s // 8:] = 0  # masked tail, as for a document cut by the sequence boundary
+    sample_ids = torch.arange(b, device=device)
+    ltd_layers = frozenset(range(1, L - 1))
+    keeps = [max(1, round(fr * s)) for fr in args.keep_fractions]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+                else contextlib.nullcontext())
+    iteration = 0
+
+    def step(keep):
+        nonlocal iteration
+        ltd = None if keep is None else RandomLTDState(SEED, iteration, sample_ids, keep, ltd_layers)
+        t0 = clock()
+        with autocast:
+            loss = model(inputs, position_ids, labels, ltd=ltd)  # [b, s] fp32
+            loss = (loss * loss_mask).sum() / loss_mask.sum()
+        loss.backward()
+        t1 = clock()
+        opt.step()
+        opt.zero_grad()
+        t2 = clock()
+        iteration += 1
+        return t2 - t0, t2 - t1
+
+    variants = [None] + keeps
+    times = {v: [] for v in variants}
+    opt_times = []
+    for rnd in range(args.steps + 1):  # round 0 is warm-up
+        k = rnd % len(variants)
+        for v in variants[k:] + variants[:k]:
+            total, t_opt = step(v)
+            if rnd:
+                times[v].append(total)
+                opt_times.append(t_opt)
+    if args.profile:
+        profile_steps(step, keeps[0], device)
+
+    t_dense, t_opt = statistics.median(times[None]), statistics.median(opt_times)
+    f = cfg.ffn_hidden_size
+    f_dense = step_flops(L, h, f, s, b, args.vocab, None, ltd_layers)
+    rows = []
+    for keep in keeps:
+        t_ltd = statistics.median(times[keep])
+        flop_ratio = step_flops(L, h, f, s, b, args.vocab, keep, ltd_layers) / f_dense
+        t_model = t_dense - t_opt
+        predicted = (t_opt + t_model * flop_ratio) / t_dense
+        draw, move = time_overhead(b, s, h, keep, ltd_layers, device, max(3, args.steps), clock)
+        # Ratio of each LTD step to the dense step of the same round: robust to slow drift in machine load.
+        paired = statistics.median(a / d for a, d in zip(times[keep], times[None]))
+        rows.append(dict(L=L, h=h, s=s, r=keep, params=n_params, dense=t_dense, ltd=t_ltd, opt=t_opt,
+                         measured=paired, flop_ratio=flop_ratio, predicted=predicted,
+                         draw=draw, move=move, tflops=f_dense / (t_dense - t_opt) / 1e12))
+    del model, opt
+    return rows
+
+
+def profile_steps(step, keep, device, top=14):
+    """Print where a dense and an LTD step spend their time, by operator (self time, ms per step)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    per_op = {}
+    for name, v in (("dense", None), (f"LTD r={keep}", keep)):
+        with profile(activities=acts) as prof:
+            step(v)
+        per_op[name] = {e.key: getattr(e, attr) / 1e3 for e in prof.key_averages()}
+    (a, da), (b, db) = per_op.items()
+    print(f"\n| op | {a} ms | {b} ms |\n|---|---|---|")
+    for op in sorted(set(da) | set(db), key=lambda o: -max(da.get(o, 0), db.get(o, 0)))[:top]:
+        print(f"| {op} | {da.get(op, 0):.1f} | {db.get(op, 0):.1f} |")
+    print(f"| total | {sum(da.values()):.1f} | {sum(db.values()):.1f} |\n", flush=True)
+
+
+HEADER = ("| L | h | s | r | r/s | dtype | params | dense ms/step | LTD ms/step | measured ratio | "
+          "FLOP ratio (model) | predicted ratio (+opt) | difference | draw ms | gather/scatter ms | "
+          "draw+g/s % of LTD step |")
+
+
+def format_row(r, dtype):
+    diff = r["measured"] - r["predicted"]
+    return (f"| {r['L']} | {r['h']} | {r['s']} | {r['r']} | {r['r'] / r['s']:.2f} | {dtype} | "
+            f"{r['params'] / 1e6:.1f}M | {r['dense'] * 1e3:.1f} | {r['ltd'] * 1e3:.1f} | "
+            f"**{r['measured']:.3f}** | {r['flop_ratio']:.3f} | {r['predicted']:.3f} | "
+            f"{diff:+.3f} ({diff / r['predicted'] * 100:+.1f} %) | {r['draw'] * 1e3:.2f} | "
+            f"{r['move'] * 1e3:.2f} | {(r['draw'] + r['move']) / r['ltd'] * 100:.1f} |")
+
+
+def machine(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    clock = Clock(device)
+    command = "python " + " ".join(["bench/ltd_step_time.py"] + (sys.argv[1:] if argv is None else argv))
+    lines = [f"Command: `{command}`", f"Machine: {machine(device)}", f"Batch {args.batch}, vocab {args.vocab}, "
+             f"{args.heads} heads, dropout {args.dropout}, medians of {args.steps} alternating rounds.", "",
+             HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    print("\n".join(lines), flush=True)
+    start = time.perf_counter()
+    for L in args.layers:
+        for s in args.seq:
+            for row in bench_config(args, L, s, device, clock):
+                lines.append(format_row(row, args.dtype))
+                print(lines[-1], f"  [dense model {row['tflops']:.3f} TFLOP/s, opt "
+                      f"{row['opt'] * 1e3:.1f} ms]", flush=True)
+    lines.append(f"\nTotal wall time {time.perf_counter() - start:.0f} s.")
+    print(lines[-1])
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
