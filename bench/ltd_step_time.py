@@ -25,9 +25,10 @@ time is measured in every step and treated as the same fixed cost in dense and L
     predicted = (t_opt + t_model * F_ltd / F_dense) / (t_opt + t_model),   t_model = t_dense - t_opt
 
 Usage:
-    python bench/ltd_step_time.py                       # CPU default, ~3 min on 2 cores
+    python bench/ltd_step_time.py                       # CPU default: ~1.5 min fp32 on 2 cores
+    python bench/ltd_step_time.py --layers 12 --seq 512 --keep-fractions 0.25 --profile   # where time goes
     python bench/ltd_step_time.py --device cuda --dtype bf16 --hidden 2048 --heads 16 --seq 2048 \
-        --layers 4,8 --batch 4 --keep-fractions 0.25,0.5 --steps 10
+        --layers 4,8 --batch 4 --keep-fractions 0.25,0.5,0.75 --steps 15
 """
 
 import argparse
@@ -42,10 +43,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig  # noqa: E402
-from megatron.core.random_ltd import RandomLTDState, run_layer_on_kept  # noqa: E402
-from megatron.core.transformer.config import TransformerConfig  # noqa: E402
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig
+from megatron.core.random_ltd import RandomLTDState, run_layer_on_kept
+from megatron.core.transformer.config import TransformerConfig
 
 SEED = 1234
 
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     p.add_argument("--profile", action="store_true",
                    help="per (L, s): torch.profiler op table of one dense and one LTD step at the smallest r")
+    p.add_argument("--glibc-malloc-defaults", action="store_true",
+                   help="CPU: do not pin glibc's mmap/trim thresholds (see keep_freed_memory)")
     p.add_argument("--markdown", help="also write the table (with command and machine) to this file")
     return p.parse_args(argv)
 
@@ -190,28 +193,29 @@ def bench_config(args, L, s, device, clock):
         draw, move = time_overhead(b, s, h, keep, ltd_layers, device, max(3, args.steps), clock)
         # Ratio of each LTD step to the dense step of the same round: robust to slow drift in machine load.
         paired = statistics.median(a / d for a, d in zip(times[keep], times[None]))
-        rows.append(dict(L=L, h=h, s=s, r=keep, params=n_params, dense=t_dense, ltd=t_ltd, opt=t_opt,
-                         measured=paired, flop_ratio=flop_ratio, predicted=predicted,
-                         draw=draw, move=move, tflops=f_dense / (t_dense - t_opt) / 1e12))
-    del model, opt
+        rows.append({"L": L, "h": h, "s": s, "r": keep, "params": n_params, "dense": t_dense, "ltd": t_ltd,
+                     "opt": t_opt, "measured": paired, "flop_ratio": flop_ratio, "predicted": predicted,
+                     "draw": draw, "move": move, "tflops": f_dense / t_model / 1e12})
     return rows
 
 
-def profile_steps(step, keep, device, top=14):
-    """Print where a dense and an LTD step spend their time, by operator (self time, ms per step)."""
+def profile_steps(step, keep, device, reps=3, top=14):
+    """Print where a dense and an LTD step spend their time: per-operator self time, median of `reps`."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    per_op = {}
-    for name, v in (("dense", None), (f"LTD r={keep}", keep)):
-        with profile(activities=acts) as prof:
-            step(v)
-        per_op[name] = {e.key: getattr(e, attr) / 1e3 for e in prof.key_averages()}
-    (a, da), (b, db) = per_op.items()
-    print(f"\n| op | {a} ms | {b} ms |\n|---|---|---|")
-    for op in sorted(set(da) | set(db), key=lambda o: -max(da.get(o, 0), db.get(o, 0)))[:top]:
-        print(f"| {op} | {da.get(op, 0):.1f} | {db.get(op, 0):.1f} |")
-    print(f"| total | {sum(da.values()):.1f} | {sum(db.values()):.1f} |\n", flush=True)
+    runs = {None: [], keep: []}
+    for _ in range(reps):
+        for v, per_step in runs.items():
+            with profile(activities=acts) as prof:
+                step(v)
+            per_step.append({e.key: getattr(e, attr) / 1e3 for e in prof.key_averages()})
+    ops = {op for r in runs.values() for d in r for op in d}
+    med = {v: {op: statistics.median(d.get(op, 0.0) for d in r) for op in ops} for v, r in runs.items()}
+    print(f"\n| op (self time, median of {reps}) | dense ms | LTD r={keep} ms |\n|---|---|---|")
+    for op in sorted(ops, key=lambda o: -max(med[None][o], med[keep][o]))[:top]:
+        print(f"| {op} | {med[None][op]:.1f} | {med[keep][op]:.1f} |")
+    print(f"| all ops | {sum(med[None].values()):.1f} | {sum(med[keep].values()):.1f} |\n", flush=True)
 
 
 HEADER = ("| L | h | s | r | r/s | dtype | params | dense ms/step | LTD ms/step | measured ratio | "
@@ -232,21 +236,39 @@ def machine(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def keep_freed_memory(args):
+    """CPU: re-run this script with glibc told to keep freed memory instead of returning it to the OS.
+
+    By default glibc unmaps large freed blocks (logits, activations) and the next step page-faults them
+    back in: at L=12, s=512, b=8 that is ~1 s of system time per dense step, growing faster than the
+    footprint, which made dense steps look slower per FLOP than LTD steps (measured ratio ~18 % below the
+    prediction). Pinning both thresholds removes the faults; the thresholds are read at process start,
+    hence the re-exec.
+    """
+    if args.device != "cpu" or args.glibc_malloc_defaults or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = os.environ["MALLOC_TRIM_THRESHOLD_"] = str(32 << 30)
+    os.execv(sys.executable, [sys.executable] + sys.argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if argv is None:
+        keep_freed_memory(args)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     clock = Clock(device)
     command = "python " + " ".join(["bench/ltd_step_time.py"] + (sys.argv[1:] if argv is None else argv))
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     lines = [f"Command: `{command}`", f"Machine: {machine(device)}", f"Batch {args.batch}, vocab {args.vocab}, "
-             f"{args.heads} heads, dropout {args.dropout}, medians of {args.steps} alternating rounds.", "",
+             f"{args.heads} heads, dropout {args.dropout}, medians of {args.steps} alternating rounds"
+             + (f"; glibc {malloc}." if device.type == "cpu" else "."), "",
              HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
     print("\n".join(lines), flush=True)
     start = time.perf_counter()

@@ -218,7 +218,8 @@ def preprocess(args: argparse.Namespace) -> Dict[str, dict]:
             if n_docs % args.log_interval == 0:
                 elapsed = max(time.time() - start, 1e-9)
                 bar.write(f"Processed {n_docs} documents ({n_docs / elapsed:.1f} docs/s, "
-                          f"{n_bytes / elapsed / 1024 / 1024:.2f} MB/s).", file=sys.stderr)
+                          f"{n_tokens / elapsed:,.0f} tokens/s, {n_bytes / elapsed / 1024 / 1024:.2f} MB/s).",
+                          file=sys.stderr)
         if n_docs == 0:
             raise UserError(f"--input {args.input} has no documents (every line is blank)")
         for key, builder in builders.items():

@@ -9,7 +9,6 @@ optimizer step; counters advance; log, evaluate, checkpoint.
 """
 
 import math
-import os
 import random
 import time
 from typing import Callable, Optional

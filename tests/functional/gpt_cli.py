@@ -1,10 +1,11 @@
 """Shared pieces for running pretrain_gpt_ltd.py in tests: tiny flags, in-process or as a subprocess."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+from tests.scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,10 +19,7 @@ TINY = [
 
 
 def load_entry(name="pretrain_gpt_ltd"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"{name}.py")
 
 
 def run_inprocess(argv):

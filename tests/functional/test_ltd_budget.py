@@ -1,6 +1,5 @@
 """tools/ltd_budget.py: the paper's GPT-3 1.3B plan, the JSON contract, dense equivalence, error exits."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "ltd_budget.py"
-_spec = importlib.util.spec_from_file_location("ltd_budget", TOOL)
-ltd_budget = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ltd_budget)
+ltd_budget = load_script("tools/ltd_budget.py")
 
 MODEL = ["--num-layers", "24", "--seq-length", "2048", "--global-batch-size", "512"]
 LTD = ["--random-ltd", "--random-ltd-start-seq-length", "128", "--random-ltd-seq-step", "16",

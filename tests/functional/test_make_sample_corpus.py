@@ -1,6 +1,5 @@
 """tools/make_sample_corpus.py: valid JSONL, identical run to run, --max-docs, atomic, one-line errors."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "make_sample_corpus.py"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("make_sample_corpus", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/make_sample_corpus.py")
 
 
 @pytest.fixture(scope="module")

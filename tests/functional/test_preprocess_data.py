@@ -1,12 +1,10 @@
 """tools/preprocess_data.py and tools/merge_datasets.py as a user runs them: the files they write (read
 back by us and by megatron-core), worker-count independence, and one-line errors that leave no files."""
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from tokenizers import pre_tokenizers
 from megatron.core.datasets.indexed import IndexedDataset
 from megatron.core.tokenizer.gpt2_bpe import GPT2BPETokenizer
 from tests.megatron_core_oracle import REPO, run_oracle
+from tests.scripts import load_script
 
 PREPROCESS = REPO / "tools" / "preprocess_data.py"
 MERGE = REPO / "tools" / "merge_datasets.py"
@@ -30,13 +29,7 @@ DOCS = [
 
 
 def load_tool(path):
-    """Import a script from tools/ by path (registered in sys.modules, so its pool can pickle its functions)."""
-    if path.stem not in sys.modules:
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
-    return sys.modules[path.stem]
+    return load_script(f"tools/{path.name}")
 
 
 def write_jsonl(path, docs):

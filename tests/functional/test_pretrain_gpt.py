@@ -5,7 +5,12 @@ import math
 import pytest
 
 from tests.functional.gpt_cli import (
-    TINY, make_pattern_data, read_json_lines, run_inprocess, run_subprocess, train_records,
+    TINY,
+    make_pattern_data,
+    read_json_lines,
+    run_inprocess,
+    run_subprocess,
+    train_records,
 )
 
 

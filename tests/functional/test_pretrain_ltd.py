@@ -3,7 +3,12 @@
 import pytest
 
 from megatron.training.lr_schedule import LRScheduleConfig, lr_at
-from tests.functional.gpt_cli import TINY, make_pattern_data, run_inprocess, train_records
+from tests.functional.gpt_cli import (
+    TINY,
+    make_pattern_data,
+    run_inprocess,
+    train_records,
+)
 
 LTD = ["--random-ltd", "--random-ltd-start-seq-length", "8", "--random-ltd-seq-step", "4",
        "--random-ltd-ramp-iters", "10"]

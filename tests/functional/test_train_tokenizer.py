@@ -1,7 +1,6 @@
 """tools/train_tokenizer.py end to end: sample corpus -> train -> the printed flags -> build_tokenizer."""
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -12,16 +11,18 @@ from pathlib import Path
 import pytest
 from tokenizers import ByteLevelBPETokenizer
 
-from megatron.core.tokenizer import add_tokenizer_args, build_tokenizer, tokenizer_config_from_args
+from megatron.core.tokenizer import (
+    add_tokenizer_args,
+    build_tokenizer,
+    tokenizer_config_from_args,
+)
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -67,22 +67,27 @@ def require_file(path: str, flag: str, what: str) -> str:
 class Tokenizer(ABC):
     """Text <-> token ids. `vocab_size` is the unpadded size; the trainer pads it for the embedding.
 
-    Every id a tokenizer can return, EOD included, is in `range(vocab_size)`.
+    Every id a tokenizer can return, EOD included, is in `range(vocab_size)`. Subclasses set
+    `_vocab_size` and `_eod` (and `_pad` when they have their own padding token) in `__init__`.
     """
 
-    @property
-    @abstractmethod
-    def vocab_size(self) -> int: ...
+    _vocab_size: int
+    _eod: int
+    _pad: Optional[int] = None
 
     @property
-    @abstractmethod
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
     def eod(self) -> int:
         """End-of-document id, appended by `preprocess_data.py --append-eod`."""
+        return self._eod
 
     @property
     def pad(self) -> int:
         """Padding id; the EOD id unless the tokenizer has its own."""
-        return self.eod
+        return self._eod if self._pad is None else self._pad
 
     @abstractmethod
     def tokenize(self, text: str) -> List[int]:
@@ -91,3 +96,13 @@ class Tokenizer(ABC):
     @abstractmethod
     def detokenize(self, ids: List[int]) -> str:
         """Text of `ids`; `detokenize(tokenize(t)) == t` wherever the type's docstring says so."""
+
+
+class TokenizersLibraryTokenizer(Tokenizer):
+    """Shared encode/decode for the types backed by an HF `tokenizers.Tokenizer` in `self._tok`."""
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: List[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -12,13 +12,12 @@ fake document boundary.
 """
 
 import json
-from typing import List
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from megatron.core.errors import UserError
-from megatron.core.tokenizer.base import Tokenizer, require_file
+from megatron.core.tokenizer.base import TokenizersLibraryTokenizer, require_file
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -42,7 +41,7 @@ def _read_vocab(vocab_file: str) -> dict:
     return vocab
 
 
-class GPT2BPETokenizer(Tokenizer):
+class GPT2BPETokenizer(TokenizersLibraryTokenizer):
     """GPT-2 byte-level BPE; EOD = `<|endoftext|>`; exact round trip for any text."""
 
     def __init__(self, vocab_file: str, merge_file: str):
@@ -59,16 +58,4 @@ class GPT2BPETokenizer(Tokenizer):
         self._eod = vocab[EOD_TOKEN]
         self._vocab_size = max(vocab.values()) + 1  # ids need not be dense; the embedding must cover all
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
 
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    def tokenize(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, ids: List[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -16,12 +16,11 @@ tokenizer uses it as EOD.
 """
 
 import os
-from typing import List
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from megatron.core.errors import UserError
-from megatron.core.tokenizer.base import Tokenizer, require_file
+from megatron.core.tokenizer.base import TokenizersLibraryTokenizer, require_file
 
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|im_end|>", "[SEP]")
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
@@ -37,7 +36,7 @@ def _resolve(path: str) -> str:
     return require_file(path, "--tokenizer-model", "a tokenizer.json or a folder holding one")
 
 
-class HuggingFaceTokenizer(Tokenizer):
+class HuggingFaceTokenizer(TokenizersLibraryTokenizer):
     """A `tokenizer.json`; EOD from the common end-of-text tokens; no special tokens added on encode."""
 
     def __init__(self, path: str):
@@ -58,20 +57,5 @@ class HuggingFaceTokenizer(Tokenizer):
         self._pad = vocab[pad[0]] if pad else self._eod
         self._vocab_size = max(vocab.values()) + 1
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
 
-    @property
-    def eod(self) -> int:
-        return self._eod
 
-    @property
-    def pad(self) -> int:
-        return self._pad
-
-    def tokenize(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, ids: List[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

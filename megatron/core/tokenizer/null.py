@@ -21,14 +21,7 @@ class NullTokenizer(Tokenizer):
     def __init__(self, vocab_size: int):
         assert vocab_size >= 1, "TokenizerConfig checks --vocab-size"
         self._n = int(vocab_size)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._n + 1
-
-    @property
-    def eod(self) -> int:
-        return self._n
+        self._vocab_size, self._eod = self._n + 1, self._n
 
     def tokenize(self, text: str) -> List[int]:
         ids = []

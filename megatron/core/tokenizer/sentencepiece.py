@@ -37,17 +37,8 @@ class SentencePieceTokenizer(Tokenizer):
         pad = self._sp.pad_id()
         self._pad = pad if pad >= 0 else self._eod
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
 
-    @property
-    def eod(self) -> int:
-        return self._eod
 
-    @property
-    def pad(self) -> int:
-        return self._pad
 
     def tokenize(self, text: str) -> List[int]:
         return self._sp.encode(text)
