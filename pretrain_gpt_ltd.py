@@ -30,23 +30,29 @@ def transformer_config(args, vocab_size: int, causal: bool = True) -> Transforme
     )
 
 
-def forward_step(model, batch, ltd):
-    """Masked mean of the per-token LM loss over this micro-batch."""
-    loss = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], ltd=ltd)  # [b, s]
-    mask = batch["loss_mask"].to(loss.dtype)  # [b, s]
-    lm_loss = (loss * mask).sum() / mask.sum().clamp(min=1.0)
-    return lm_loss, {"lm loss": lm_loss.item()}
+def forward_step(data_iterator, model):
+    """One micro-batch through this pipeline stage; on the last stage, the loss function for its output."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], ltd=batch["ltd"])
+
+    def loss_fn(loss):  # [b, s] per-token loss -> masked mean over this micro-batch
+        mask = batch["loss_mask"].to(loss.dtype)  # [b, s]
+        lm_loss = (loss * mask).sum() / mask.sum().clamp(min=1.0)
+        return lm_loss, {"lm loss": lm_loss.detach()}
+
+    return output, loss_fn
 
 
 def main(argv=None):
     args = parse_args(argv)
     tokenizer = build_tokenizer(tokenizer_config_from_args(args))
-    padded_vocab = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by, 1)
+    padded_vocab = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                           args.tensor_model_parallel_size)
     args.padded_vocab_size = padded_vocab
     config = transformer_config(args, padded_vocab)
 
-    def model_provider(_args):
-        return GPTModel(config), config.num_layers
+    def model_provider(_args, pre_process, post_process, layer_offset, num_local_layers):
+        return GPTModel(config, pre_process, post_process, layer_offset, num_local_layers, seed=args.seed)
 
     def datasets_provider(_args, num_samples):
         data_config = GPTDatasetConfig(

@@ -166,9 +166,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--save-interval must be positive")
     if args.save_interval is not None and args.save is None:
         raise UserError("--save-interval needs --save DIR")
-    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
-        raise UserError("tensor and pipeline parallelism are not built yet; use --tensor-model-parallel-size 1 "
-                        "--pipeline-model-parallel-size 1")
+    if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1:
+        raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     if args.num_workers < 0:
         raise UserError("--num-workers must be >= 0")
 

@@ -3,8 +3,8 @@
     <save>/latest_checkpointed_iteration.txt          "100"
     <save>/iter_0000100/mp_rank_00/model_optim_rng.pt
 
-The iteration folder is written under a temporary name and renamed when complete; the tracker file is
-replaced last, so it never points at a partial checkpoint and a crash mid-write leaves the previous
+With pipeline parallelism the rank folders are `mp_rank_{tp:02d}_{pp:03d}`. The iteration folder is
+written under a temporary name and renamed when complete; the tracker file is replaced last, so it never points at a partial checkpoint and a crash mid-write leaves the previous
 checkpoint usable. Files hold only tensors and plain Python values (args as a dict, RNG states as
 tensors) so they load with `torch.load(weights_only=True)`.
 """
@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron.core.errors import UserError
 
@@ -59,28 +60,65 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(root: str, iteration: int, state: dict) -> str:
-    """Write `state` as iteration `iteration` under `root`; return the file path."""
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_checkpoint(root: str, iteration: int, state: dict, tp_rank: int = 0, pp_rank: Optional[int] = None,
+                    writer: bool = True) -> str:
+    """Write this rank's `state` as iteration `iteration` under `root`; every rank calls it.
+
+    Ranks with `writer` (data-parallel rank 0 of each (tp, pp) pair) write their file into
+    `iter_XXXXXXX.tmp/`; after a barrier rank 0 renames the folder into place and replaces the tracker.
+    Returns the final path of this rank's file.
+    """
     final_dir = checkpoint_dir(root, iteration)
-    tmp_dir = final_dir + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    path = os.path.relpath(checkpoint_file(root, iteration), final_dir)
-    tmp_file = os.path.join(tmp_dir, path)
-    os.makedirs(os.path.dirname(tmp_file), exist_ok=True)
-    try:
-        torch.save({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, tmp_file)
+    tmp_dir = final_dir + ".tmp"
+    rel = os.path.relpath(checkpoint_file(root, iteration, tp_rank, pp_rank), final_dir)
+    if _is_rank0():
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of a crashed save
+    _barrier()
+    if writer:
+        tmp_file = os.path.join(tmp_dir, rel)
+        os.makedirs(os.path.dirname(tmp_file), exist_ok=True)
+        try:
+            torch.save({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, tmp_file + ".part")
+            os.replace(tmp_file + ".part", tmp_file)
+        except BaseException:
+            if not dist.is_initialized():
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    _barrier()
+    if _is_rank0():
         if os.path.exists(final_dir):  # re-saving the same iteration: swap the old one out
             shutil.rmtree(final_dir)
         os.replace(tmp_dir, final_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    tracker_tmp = os.path.join(root, TRACKER + f".tmp-{os.getpid()}")
-    with open(tracker_tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    return os.path.join(final_dir, path)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _barrier()
+    return os.path.join(final_dir, rel)
+
+
+def saved_layout(root: str, iteration: int) -> Optional[tuple]:
+    """(tensor, pipeline) parallel sizes of a checkpoint, read off its rank folders; None if it has none."""
+    folder = checkpoint_dir(root, iteration)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    ranks = [n[len("mp_rank_"):].split("_") for n in names if n.startswith("mp_rank_")]
+    if not ranks:
+        return None
+    tp = 1 + max(int(r[0]) for r in ranks)
+    pp = 1 + max((int(r[1]) for r in ranks if len(r) > 1), default=0)
+    return tp, pp
 
 
 def read_tracker(root: str) -> Optional[int]:
@@ -94,13 +132,15 @@ def read_tracker(root: str) -> Optional[int]:
     return int(text)
 
 
-def load_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[dict]:
-    """Load the latest (or the given) checkpoint under `root` on CPU; None when there is none."""
+def load_checkpoint(root: str, iteration: Optional[int] = None, tp_rank: int = 0,
+                    pp_rank: Optional[int] = None) -> Optional[dict]:
+    """Load this rank's file of the latest (or the given) checkpoint under `root` on CPU; None when there
+    is no checkpoint yet."""
     if iteration is None:
         iteration = read_tracker(root)
         if iteration is None:
             return None
-    path = checkpoint_file(root, iteration)
+    path = checkpoint_file(root, iteration, tp_rank, pp_rank)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint file {path} is missing; the checkpoint at {root} is incomplete")
     try:

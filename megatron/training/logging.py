@@ -57,8 +57,10 @@ def format_validation_block(iteration: int, loss: float, name: str = "validation
 class RunLogger:
     """Writes the log line to stdout, JSON lines to `--log-json`, scalars to `--tensorboard-dir`."""
 
-    def __init__(self, log_json: Optional[str] = None, tensorboard_dir: Optional[str] = None):
+    def __init__(self, log_json: Optional[str] = None, tensorboard_dir: Optional[str] = None, enabled: bool = True):
         # Opened on first write, so a run that fails before its first logged iteration leaves no files.
+        # Only one rank of a parallel run logs (enabled); the others stay silent.
+        self.enabled = enabled
         self.log_json, self.tensorboard_dir = log_json, tensorboard_dir
         self.json_file = None
         self._tb = None
@@ -72,6 +74,8 @@ class RunLogger:
         return self._tb
 
     def train(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
         print(format_train_line(metrics), flush=True)
         self._json(metrics)
         if self.tb:
@@ -85,6 +89,8 @@ class RunLogger:
 
     def validation(self, iteration: int, consumed_samples: int, loss: float, name: str = "validation",
                    extra: Optional[dict] = None) -> None:
+        if not self.enabled or loss is None:
+            return
         print(format_validation_block(iteration, loss, name), flush=True)
         key = "val" if name == "validation" else name
         record = {"iteration": iteration, "consumed_samples": consumed_samples,

@@ -1,11 +1,14 @@
-"""The training loop: Megatron's `pretrain()` with random-LTD accounting, on one process.
+"""The training loop: Megatron's `pretrain()` with random-LTD accounting, on one process or many.
 
     pretrain(args, model_provider, datasets_provider, forward_step)
 
-Per iteration t (0-based): r_t from the MSLG schedule; LR from the progress before t (samples, or
-layer-tokens with --layer-token-lr-schedule); `num_microbatches` forward/backward passes with gradient
-accumulation, each micro-batch carrying the global index of its samples (the random-LTD key); one
-optimizer step; counters advance; log, evaluate, checkpoint.
+Per iteration t (0-based): r_t from the MSLG schedule; the LR from the progress before t (samples, or
+layer-tokens with --layer-token-lr-schedule); this data-parallel rank's micro-batches, each carrying the
+global index of its samples in the global batch (the random-LTD key, so every layout drops the same
+tokens); the forward/backward schedule (no pipelining, or 1F1B across pipeline stages) with the
+data-parallel gradient all-reduce; the tied-embedding gradient all-reduce between the first and last
+stage; one optimizer step (overflow check and clipping across model-parallel ranks); counters advance;
+the last stage's first rank logs; evaluation and checkpoints.
 """
 
 import math
@@ -15,13 +18,17 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state as ps
 from megatron.core.datasets.samplers import PretrainingSampler, global_sample_offsets
+from megatron.core.distributed import DataParallelGradSync, allreduce_grads_in_group
 from megatron.core.errors import UserError
 from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.random_ltd import RandomLTDState, theoretical_saving
+from megatron.core.tensor_parallel import get_rng_tracker, model_parallel_manual_seed
 from megatron.training import checkpointing
 from megatron.training.arguments import print_args
 from megatron.training.logging import RunLogger
@@ -29,55 +36,80 @@ from megatron.training.lr_schedule import LRScheduleConfig, lr_at, progress_samp
 from megatron.training.run_length import RunLength, resolve_run_length
 from megatron.training.state import TrainState
 
-# forward_step(model, batch, ltd) -> (loss to backprop, {metric name: float})
-ForwardStep = Callable[[torch.nn.Module, dict, Optional[RandomLTDState]], tuple]
+# forward_step(data_iterator, model) -> (output tensor, loss_fn); on the last pipeline stage
+# loss_fn(output) -> (loss scalar, {metric name: tensor}). Each batch from the iterator carries "ltd".
+ForwardStep = Callable
+
+
+def print_rank_0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def is_logging_rank() -> bool:
+    """The last pipeline stage's first rank: the one that has the loss and prints the log line."""
+    return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
 
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    model_parallel_manual_seed(seed)  # torch default generator (+100 * pp rank) and the TP-rank tracker
 
 
 def _loader(dataset, consumed: int, mbs: int, seed: int, num_workers: int):
-    """Micro-batches from `consumed` on, in Megatron's order; never touches the global RNG."""
+    """This DP rank's micro-batches from `consumed` on, in Megatron's order; never touches the global RNG."""
     sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed, micro_batch_size=mbs,
-                                 data_parallel_rank=0, data_parallel_size=1)
+                                 data_parallel_rank=ps.get_data_parallel_rank(),
+                                 data_parallel_size=ps.get_data_parallel_world_size())
     generator = torch.Generator().manual_seed(seed)
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=generator,
                            persistent_workers=num_workers > 0))
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _mean_over_dp(values: list) -> Optional[torch.Tensor]:
+    """Mean of this rank's micro-batch values, averaged over the data-parallel group."""
+    if not values:
+        return None
+    mean = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values]).mean().to(ps.get_device())
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(mean, group=ps.get_data_parallel_group())
+        mean /= ps.get_data_parallel_world_size()
+    return mean
 
 
 class Trainer:
     def __init__(self, args, model: torch.nn.Module, datasets, forward_step: ForwardStep, num_layers: int,
                  run: RunLength):
         self.args = args
-        self.device = parallel_state.device_for_backend(args.distributed_backend)
+        self.device = ps.get_device()
         self.model = model.to(self.device)
         self.forward_step = forward_step
         self.train_ds, self.valid_ds, self.test_ds = datasets
         self.num_layers = num_layers
-        self.s = args.seq_length
-        self.G = args.global_batch_size
-        self.num_micro = args.global_batch_size // args.micro_batch_size
+        self.s, self.G, self.mbs = args.seq_length, args.global_batch_size, args.micro_batch_size
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.num_micro = self.G // (self.mbs * self.dp)
         self.run = run
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.grad_sync = DataParallelGradSync(params, group=ps.get_data_parallel_group()) if self.dp > 1 else None
+        self.forward_backward = get_forward_backward_func()
+        self.tensor_shape = (self.mbs, self.s, args.hidden_size)
         self.optimizer = Optimizer(model, OptimizerConfig(
             lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
             adam_eps=args.adam_eps, clip_grad=args.clip_grad, fp16=args.fp16, loss_scale=args.loss_scale,
             initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
             loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis))
         self.lr_cfg = LRScheduleConfig(args.lr, args.min_lr, args.lr_decay_style, *schedule_lengths(
-            global_batch_size=self.G, seq_length=self.s, train_samples=self.run.decay_default_samples,
+            global_batch_size=self.G, seq_length=self.s, train_samples=run.decay_default_samples,
             warmup_iters=args.lr_warmup_iters, warmup_samples=args.lr_warmup_samples,
             warmup_tokens=args.lr_warmup_tokens, warmup_fraction=args.lr_warmup_fraction,
             decay_iters=args.lr_decay_iters, decay_samples=args.lr_decay_samples, decay_tokens=args.lr_decay_tokens))
         self.state = TrainState()
         self.autocast_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        self.logger = RunLogger(args.log_json, args.tensorboard_dir)
+        logging = is_logging_rank()
+        self.logger = RunLogger(args.log_json if logging else None, args.tensorboard_dir if logging else None,
+                                enabled=logging)
 
     # ---- schedule ---------------------------------------------------------------------------------
     def lr_for_next_iteration(self) -> float:
@@ -86,9 +118,15 @@ class Trainer:
         return lr_at(self.lr_cfg, progress)
 
     # ---- checkpoints ------------------------------------------------------------------------------
+    def _rank_file(self):
+        pp = ps.get_pipeline_model_parallel_world_size()
+        return ps.get_tensor_model_parallel_rank(), (ps.get_pipeline_model_parallel_rank() if pp > 1 else None)
+
     def checkpoint_state(self) -> dict:
+        rng = checkpointing.get_rng_state()
+        rng["tracker"] = get_rng_tracker().get_states()
         return {
-            "args": {k: v for k, v in vars(self.args).items()},
+            "args": dict(vars(self.args)),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "opt_param_scheduler": {"max_lr": self.lr_cfg.max_lr, "min_lr": self.lr_cfg.min_lr,
@@ -96,7 +134,7 @@ class Trainer:
                                     "lr_decay_steps": self.lr_cfg.decay_samples,
                                     "lr_decay_style": self.lr_cfg.decay_style,
                                     "num_steps": self.state.consumed_train_samples},
-            "rng_state": checkpointing.get_rng_state(),
+            "rng_state": rng,
             "train_state": self.state.state_dict(),
             "consumed_train_samples": self.state.consumed_train_samples,
             "consumed_valid_samples": self.state.consumed_valid_samples,
@@ -106,79 +144,117 @@ class Trainer:
 
     def save(self) -> None:
         t0 = time.perf_counter()
-        print(f"saving checkpoint at iteration {self.state.iteration:7d} to {self.args.save} in torch format",
-              flush=True)
-        checkpointing.save_checkpoint(self.args.save, self.state.iteration, self.checkpoint_state())
-        print(f"  successfully saved checkpoint at iteration {self.state.iteration:7d} to {self.args.save} "
-              f"[ t {time.perf_counter() - t0:.2f}s ]", flush=True)
+        it = self.state.iteration
+        print_rank_0(f"saving checkpoint at iteration {it:7d} to {self.args.save} in torch format")
+        tp_rank, pp_rank = self._rank_file()
+        checkpointing.save_checkpoint(self.args.save, it, self.checkpoint_state(), tp_rank, pp_rank,
+                                      writer=self.dp_rank == 0)
+        print_rank_0(f"  successfully saved checkpoint at iteration {it:7d} to {self.args.save} "
+                     f"[ t {time.perf_counter() - t0:.2f}s ]")
 
     def load(self) -> None:
-        ckpt = checkpointing.load_checkpoint(self.args.load)
-        if ckpt is None:
-            print(f"WARNING: no checkpoint found at {self.args.load}; training from scratch", flush=True)
+        tp_rank, pp_rank = self._rank_file()
+        tracker = checkpointing.read_tracker(self.args.load)
+        if tracker is None:
+            print_rank_0(f"WARNING: no checkpoint found at {self.args.load}; training from scratch")
             return
+        saved_layout = self._saved_layout(tracker)
+        here = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if saved_layout != here:
+            raise UserError(f"checkpoint in {self.args.load} was saved with tensor x pipeline parallel "
+                            f"{saved_layout[0]} x {saved_layout[1]}, this run uses {here[0]} x {here[1]}; "
+                            "convert it with tools/checkpoint_util.py or launch the same layout")
+        ckpt = checkpointing.load_checkpoint(self.args.load, tracker, tp_rank, pp_rank)
         saved = ckpt.get("args", {})
         for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "position_embedding_type",
-                    "normalization", "swiglu", "untie_embeddings_and_output_weights"):
-            if key in saved and saved[key] != getattr(self.args, key):
+                    "normalization", "swiglu", "untie_embeddings_and_output_weights", "padded_vocab_size"):
+            if key in saved and saved[key] != getattr(self.args, key, None):
                 raise UserError(f"checkpoint in {self.args.load} has {key}={saved[key]!r} but this run has "
-                                f"{getattr(self.args, key)!r}; use matching model flags")
+                                f"{getattr(self.args, key, None)!r}; use matching model flags")
         try:
             self.model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as e:
             raise UserError(f"checkpoint in {self.args.load} does not fit this model: {str(e).splitlines()[0]}")
         if self.args.finetune:
-            print(f" loaded weights from {self.args.load} at iteration {ckpt['iteration']} (finetune: "
-                  "iteration, optimizer and counters reset)", flush=True)
+            print_rank_0(f" loaded weights from {self.args.load} at iteration {ckpt['iteration']} (finetune: "
+                         "iteration, optimizer and counters reset)")
             return
         self.state.load_state_dict(ckpt["train_state"])
         if not self.args.no_load_optim:
+            if "optimizer" not in ckpt:
+                raise UserError(f"checkpoint in {self.args.load} has no optimizer state (a converted checkpoint?); "
+                                "add --no-load-optim --no-load-rng, or --finetune")
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if not self.args.no_load_rng:
-            checkpointing.set_rng_state(ckpt["rng_state"])
-        print(f"  successfully loaded checkpoint from {self.args.load} at iteration {self.state.iteration}",
-              flush=True)
+            if "rng_state" not in ckpt:
+                raise UserError(f"checkpoint in {self.args.load} has no RNG state; add --no-load-rng")
+            rng = ckpt["rng_state"]
+            checkpointing.set_rng_state(rng)
+            if "tracker" in rng:
+                get_rng_tracker().set_states(rng["tracker"])
+        print_rank_0(f"  successfully loaded checkpoint from {self.args.load} at iteration {self.state.iteration}")
+
+    def _saved_layout(self, iteration: int):
+        layout = checkpointing.saved_layout(self.args.load, iteration)
+        return layout or (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
 
     # ---- steps ------------------------------------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+    def _step_forward(self, data_iterator, model):
+        """The entry point's forward_step under this run's autocast."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.forward_step(data_iterator, model)
+
+    def _micro_batches(self, data_iter, t: int, keep: Optional[int]):
+        """This rank's micro-batches of iteration t, on the device, each with its random-LTD state."""
+        for m in range(self.num_micro):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iter).items()}
+            ltd = None
+            if keep is not None and self.run.ltd_enabled:
+                ids = torch.from_numpy(global_sample_offsets(m, self.mbs, self.dp_rank, self.dp)).to(self.device)
+                ltd = RandomLTDState(self.args.seed, t, ids, keep, self.run.ltd_layers)  # ids: [b] in global batch
+            batch["ltd"] = ltd
+            yield batch
+
+    def _sync_tied_embeddings(self) -> None:
+        """First and last stage hold copies of the tied word embeddings: sum their gradients."""
+        if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
+            return
+        if not getattr(self.model, "share_embeddings", False):
+            return
+        if ps.is_pipeline_first_stage():
+            weight = self.model.embedding.word_embeddings.weight
+        elif ps.is_pipeline_last_stage():
+            weight = self.model.output_layer.weight
+        else:
+            return
+        allreduce_grads_in_group([weight], ps.get_embedding_group())
 
     def train_step(self, data_iter, t: int):
-        """One iteration: accumulate gradients over the micro-batches, then one optimizer step."""
+        """One iteration: the schedule runs every micro-batch forward and backward, then one optimizer step."""
         self.model.train()
         keep = self.run.keep_at(t)
         self.optimizer.zero_grad()
-        scale = self.optimizer.loss_scale
-        metrics_sum, nan = {}, False
-        mbs = self.args.micro_batch_size
-        for m in range(self.num_micro):
-            batch = _to_device(next(data_iter), self.device)
-            sample_ids = torch.from_numpy(global_sample_offsets(m, mbs, 0, 1)).to(self.device)  # [b] index in batch
-            ltd = (RandomLTDState(self.args.seed, t, sample_ids, keep, self.run.ltd_layers)
-                   if self.run.ltd_enabled else None)
-            with self._autocast():
-                loss, metrics = self.forward_step(self.model, batch, ltd)
-            (loss * (scale / self.num_micro)).backward()
-            for k, v in metrics.items():
-                metrics_sum[k] = metrics_sum.get(k, 0.0) + v / self.num_micro
-        if any(not math.isfinite(v) for v in metrics_sum.values()):
-            nan = True
+        metrics = self.forward_backward(
+            self._step_forward, self._micro_batches(data_iter, t, keep), self.model, self.num_micro,
+            self.tensor_shape, torch.float32, forward_only=False, loss_scale=self.optimizer.loss_scale,
+            grad_sync=self.grad_sync)
+        self._sync_tied_embeddings()
         result = self.optimizer.step()
-        return metrics_sum, result, keep, nan
+        loss = _mean_over_dp([m["lm loss"] for m in metrics])
+        return (None if loss is None else float(loss)), result, keep
 
     @torch.no_grad()
-    def evaluate(self, dataset, consumed: int) -> float:
-        """Mean loss over --eval-iters global batches, full sequence (no token dropping)."""
+    def evaluate(self, dataset, consumed: int) -> Optional[float]:
+        """Mean loss over --eval-iters global batches, full sequence (no token dropping); last stage only."""
         self.model.eval()
-        it = _loader(dataset, consumed, self.args.micro_batch_size, self.args.seed, 0)
-        total = 0.0
-        n = self.args.eval_iters * self.num_micro
-        for _ in range(n):
-            batch = _to_device(next(it), self.device)
-            with self._autocast():
-                _, metrics = self.forward_step(self.model, batch, None)
-            total += metrics["lm loss"]
-        return total / n
+        it = _loader(dataset, consumed, self.mbs, self.args.seed, 0)
+        values = []
+        for _ in range(self.args.eval_iters):
+            metrics = self.forward_backward(self._step_forward, self._micro_batches(it, 0, None), self.model,
+                                            self.num_micro, self.tensor_shape, torch.float32, forward_only=True)
+            values += [m["lm loss"] for m in metrics]
+        loss = _mean_over_dp(values)
+        return None if loss is None else float(loss)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -186,35 +262,34 @@ class Trainer:
         if args.load:
             self.load()
         train_iters = self.run.train_iters
-        data_iter = _loader(self.train_ds, st.consumed_train_samples, args.micro_batch_size, args.seed,
-                            args.num_workers)
-        print(f" training for {train_iters} iterations ({self.run.describe()}) on {self.device}", flush=True)
-        interval = {"time": 0.0, "iters": 0, "metrics": {}}
+        data_iter = _loader(self.train_ds, st.consumed_train_samples, self.mbs, args.seed, args.num_workers)
+        print_rank_0(f" training for {train_iters} iterations ({self.run.describe()}) on {self.device}"
+                     f"{self._layout()}")
+        interval = {"time": 0.0, "iters": 0, "loss": 0.0}
         while st.iteration < train_iters and not self.run.budget_reached(st.consumed_layer_tokens):
             t = st.iteration
             lr = self.lr_for_next_iteration()
             self.optimizer.set_lr(lr)
             t0 = time.perf_counter()
-            metrics, result, keep, nan = self.train_step(data_iter, t)
+            loss, result, keep = self.train_step(data_iter, t)
             dt = time.perf_counter() - t0
             st.iteration += 1
             st.consumed_train_samples += self.G
             st.consumed_layer_tokens += self.run.curve.at(t)
             st.skipped_iterations += int(result.skipped)
-            st.nan_iterations += int(nan)
+            st.nan_iterations += int(loss is not None and not math.isfinite(loss))
             interval["time"] += dt
             interval["iters"] += 1
-            for k, v in metrics.items():
-                interval["metrics"][k] = interval["metrics"].get(k, 0.0) + v
+            interval["loss"] += loss if loss is not None else 0.0
             if st.iteration % args.log_interval == 0:
                 self._log(interval, lr, keep, result)
-                interval = {"time": 0.0, "iters": 0, "metrics": {}}
+                interval = {"time": 0.0, "iters": 0, "loss": 0.0}
             if self.valid_ds is not None and args.eval_iters > 0 and st.iteration % args.eval_interval == 0:
                 self._validate()
             if args.save and args.save_interval and st.iteration % args.save_interval == 0:
                 self.save()
             if args.exit_interval and st.iteration % args.exit_interval == 0:
-                print(f" exiting at iteration {st.iteration} (--exit-interval)", flush=True)
+                print_rank_0(f" exiting at iteration {st.iteration} (--exit-interval)")
                 break
         if args.save and (not args.save_interval or st.iteration % args.save_interval):
             self.save()
@@ -227,6 +302,12 @@ class Trainer:
         self.logger.close()
         return st
 
+    def _layout(self) -> str:
+        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        if tp * pp * self.dp == 1:
+            return ""
+        return f" (tensor x pipeline x data parallel = {tp} x {pp} x {self.dp})"
+
     def _validate(self) -> None:
         st = self.state
         loss = self.evaluate(self.valid_ds, st.consumed_valid_samples)
@@ -234,6 +315,8 @@ class Trainer:
         self.logger.validation(st.iteration, st.consumed_train_samples, loss)
 
     def _log(self, interval: dict, lr: float, keep: int, result) -> None:
+        if not self.logger.enabled:
+            return
         st, n = self.state, interval["iters"]
         elapsed_ms = 1000.0 * interval["time"] / n
         m = {
@@ -242,28 +325,44 @@ class Trainer:
             "consumed_tokens": st.consumed_train_samples * self.s,
             "elapsed_ms_per_iteration": elapsed_ms,
             "tokens_per_sec": self.G * self.s / (elapsed_ms / 1000.0),
-            "lr": lr, "global_batch_size": self.G,
-            **{k.replace(" ", "_"): v / n for k, v in interval["metrics"].items()},
+            "lr": lr, "global_batch_size": self.G, "lm_loss": interval["loss"] / n,
+            "ltd_seq_length": keep,  # r_t, or s when random-LTD is off
+            "consumed_layer_tokens": st.consumed_layer_tokens,
+            "layer_token_saving": theoretical_saving(st.consumed_layer_tokens, self.num_layers, self.s,
+                                                     st.consumed_train_samples),
             "loss_scale": result.loss_scale, "grad_norm": result.grad_norm,
             "skipped_iterations": st.skipped_iterations, "nan_iterations": st.nan_iterations,
         }
-        m["ltd_seq_length"] = keep  # r_t, or s when random-LTD is off
-        m["consumed_layer_tokens"] = st.consumed_layer_tokens
-        m["layer_token_saving"] = theoretical_saving(st.consumed_layer_tokens, self.num_layers, self.s,
-                                                     st.consumed_train_samples)
         self.logger.train(m)
 
 
 def pretrain(args, model_provider, datasets_provider, forward_step: ForwardStep) -> TrainState:
-    """Megatron's pretrain(): seed, build model and data, train, evaluate, checkpoint."""
-    print_args(args)
-    if parallel_state.world_size_from_env() > 1:
-        raise UserError("launched with WORLD_SIZE > 1, but tensor/pipeline/data parallelism is not built yet; "
-                        "run a single process")
+    """Megatron's pretrain(): join the process group, seed, build model and data, train, evaluate, save.
+
+    `model_provider(args, pre_process, post_process, layer_offset, num_local_layers)` builds this pipeline
+    stage; `datasets_provider(args, (train, valid, test) sample counts)` the datasets.
+    """
+    ps.init_distributed(args.distributed_backend)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    dp = ps.check_parallel_sizes(world, tp, pp)
+    if args.num_layers % pp:
+        raise UserError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}; "
+                        "pipeline stages must hold equal numbers of layers")
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+                        f"{args.micro_batch_size} x data-parallel size {dp}")
+    ps.initialize_model_parallel(tp, pp)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print_args(args)
     set_seed(args.seed)
-    model, num_layers = model_provider(args)
+    per_stage = args.num_layers // pp
+    stage = ps.get_pipeline_model_parallel_rank()
+    model = model_provider(args, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(), stage * per_stage,
+                           per_stage)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f" > number of parameters: {n_params}", flush=True)
-    run = resolve_run_length(args, num_layers)
+    print_rank_0(f" > number of parameters on (tensor, pipeline) model parallel rank "
+                 f"({ps.get_tensor_model_parallel_rank()}, {stage}): {n_params}")
+    run = resolve_run_length(args, args.num_layers)
     datasets = datasets_provider(args, run.num_samples(args.eval_interval, args.eval_iters))
-    return Trainer(args, model, datasets, forward_step, num_layers, run).train()
+    return Trainer(args, model, datasets, forward_step, args.num_layers, run).train()

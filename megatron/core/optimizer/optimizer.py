@@ -1,7 +1,9 @@
 """AdamW with Megatron's parameter groups, loss-scale handling and global-norm clipping.
 
-`step()` does, in order: unscale the gradients (fp16), look for inf/nan, update the loss scale, skip
-the step on overflow, clip by global L2 norm, step. It returns what the log line needs.
+`step()` does, in order: unscale the gradients (fp16), look for inf/nan on every model-parallel rank,
+update the loss scale, skip the step on overflow, clip by the global L2 norm over the model-parallel
+group, step. Data-parallel gradients are already averaged when it runs, so all DP replicas agree. It
+returns what the log line needs.
 """
 
 from dataclasses import dataclass
@@ -10,6 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import any_rank_found_inf, clip_grad_norm
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 
 
@@ -74,15 +78,16 @@ class Optimizer:
 
     def step(self) -> StepResult:
         grads = [p.grad for p in self.params if p.grad is not None]
+        group = parallel_state.get_model_parallel_group()
         if self.scaler is not None:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
-            found_inf = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            found_inf = any_rank_found_inf(grads, group)
             self.scaler.update(found_inf)
             if found_inf:
                 return StepResult(float("nan"), True, self.loss_scale)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad if self.config.clip_grad > 0 else float("inf"))
+        norm = clip_grad_norm(self.params, self.config.clip_grad, group)
         self.adam.step()
-        return StepResult(float(norm), False, self.loss_scale)
+        return StepResult(norm, False, self.loss_scale)
 
     def state_dict(self) -> dict:
         return {"adam": self.adam.state_dict(),

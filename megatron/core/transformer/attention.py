@@ -5,8 +5,9 @@ their position ids and an optional key padding mask, so nothing here knows about
 tokens are in original order, so causal attention over the subset is the plain lower-triangular mask and
 the fused `is_causal` path applies.
 
-QKV weight rows are grouped per head (`[nh, 3, hd]`), as in Megatron, so a later tensor-parallel split
-by heads is a contiguous slice of rows.
+QKV weight rows are grouped per head (`[nh, 3, hd]`), as in Megatron, so the tensor-parallel split by
+heads is a contiguous slice of rows: each TP rank holds `nh/tp` whole heads (column-parallel QKV, local
+attention, row-parallel output projection with one all-reduce).
 """
 
 import math
@@ -16,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core import parallel_state
+from megatron.core.errors import UserError
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.rope import apply_rope, rope_cos_sin
 
@@ -24,9 +28,13 @@ class SelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
-        h = config.hidden_size
-        self.linear_qkv = nn.Linear(h, 3 * h, bias=config.add_bias_linear)
-        self.linear_proj = nn.Linear(h, h, bias=config.add_bias_linear)
+        h, tp = config.hidden_size, parallel_state.get_tensor_model_parallel_world_size()
+        if config.num_attention_heads % tp:
+            raise UserError(f"--num-attention-heads {config.num_attention_heads} is not divisible by "
+                            f"--tensor-model-parallel-size {tp}")
+        self.local_heads = config.num_attention_heads // tp
+        self.linear_qkv = ColumnParallelLinear(h, 3 * h, bias=config.add_bias_linear)
+        self.linear_proj = RowParallelLinear(h, h, bias=config.add_bias_linear)
 
     def forward(
         self,
@@ -36,7 +44,7 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.config
         b, n, _ = x.shape
-        nh, hd = cfg.num_attention_heads, cfg.head_dim
+        nh, hd = self.local_heads, cfg.head_dim  # nh: heads on this tensor-parallel rank
         qkv = self.linear_qkv(x).view(b, n, nh, 3, hd)  # [b, n, nh, 3, hd]
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, nh, n, hd]
         if cfg.position_embedding_type == "rope":
@@ -44,14 +52,16 @@ class SelfAttention(nn.Module):
             cos, sin = rope_cos_sin(position_ids, hd, cfg.rotary_base, q.dtype)  # [b, 1, n, hd]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout = cfg.attention_dropout if self.training else 0.0
-        if padding_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=cfg.causal)
-        else:
-            allowed = ~padding_mask[:, None, None, :]  # [b, 1, 1, n], True = may attend
-            if cfg.causal:
-                allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [b, 1, n, n]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(b, n, nh * hd)  # [b, n, h]
+        mask, causal = None, cfg.causal
+        if padding_mask is not None:
+            mask = ~padding_mask[:, None, None, :]  # [b, 1, 1, n], True = may attend
+            if causal:
+                mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [b, 1, n, n]
+            causal = False
+        # Attention probabilities are split by heads across TP ranks: their dropout must differ per rank.
+        with get_rng_tracker().fork():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        out = out.transpose(1, 2).reshape(b, n, nh * hd)  # [b, n, h/tp]
         return self.linear_proj(out)  # [b, n, h]
 
 

@@ -1,0 +1,224 @@
+"""Our GPT checkpoint as a Hugging Face `transformers` folder: weights, config, tokenizer, generation config.
+
+    gpt = load_gpt_checkpoint("runs/gpt/checkpoints")
+    export_to_hf(gpt, "hf/")   # then AutoModelForCausalLM.from_pretrained("hf/"), AutoTokenizer likewise
+
+Architectures (ours -> theirs; anything else has no exact equivalent and is refused):
+
+| ours                                             | transformers      |
+|--------------------------------------------------|-------------------|
+| learned positions + LayerNorm + GELU MLP         | GPT-2 (`gelu`, exact erf) |
+| RoPE (rotate-half) + RMSNorm + SwiGLU MLP        | Llama (`attention_bias`/`mlp_bias` = our linear biases) |
+
+Weight layout. Our QKV rows are grouped per head, `[nh, 3, hd]` x h; GPT-2's `c_attn` is a Conv1D
+(`[in, out]`, i.e. transposed) whose columns are `[3, nh, hd]`; Llama has separate q/k/v `[nh*hd, h]`.
+Our SwiGLU fc1 rows are `[gate; up]`. GPT-2 has biases everywhere: a model trained with
+`--disable-bias-linear` exports zero biases, which is the same function.
+
+Vocabulary. The exported embedding keeps our padded vocabulary (`V` rows), so the logits are ours
+exactly; the padded ids (>= the tokenizer's size) are listed in the generation config's
+`suppress_tokens`, so `generate` never emits them, as our lm-eval adapter does not.
+
+Tokenizer. GPT2BPE and HuggingFace tokenizers are written as a `tokenizer.json` with the same pipeline
+and no post-processor (no BOS/EOS added on encode, as in our training data); NullTokenizer as a
+whitespace word-level vocab `"0".."N"`. EOD is the EOS, BOS (lm-eval's empty-context prefix) and pad
+token. One difference: the HF tokenizer treats a literal `<|endoftext|>` in text as EOD, ours as text.
+SentencePiece models are not exported (no faithful `tokenizer.json` conversion without protobuf).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict
+
+import torch
+
+from megatron.core.errors import UserError
+from megatron.core.transformer.config import TransformerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_architecture(config: TransformerConfig) -> str:
+    """'gpt2' or 'llama' for `config`; a UserError naming the mismatch otherwise."""
+    c = config
+    if (c.position_embedding_type, c.normalization, c.swiglu) == ("learned_absolute", "LayerNorm", False):
+        return "gpt2"
+    if (c.position_embedding_type, c.normalization, c.swiglu) == ("rope", "RMSNorm", True):
+        return "llama"
+    raise UserError(
+        f"no Hugging Face architecture matches --position-embedding-type {c.position_embedding_type}, "
+        f"--normalization {c.normalization}, {'SwiGLU' if c.swiglu else 'GELU'} MLP; supported: learned_absolute "
+        f"+ LayerNorm + GELU (GPT-2) or rope + RMSNorm + --swiglu (Llama)")
+
+
+def _qkv(state: dict, prefix: str, config: TransformerConfig):
+    """Our per-head grouped QKV weight [nh*3*hd, h] and bias as ([3, nh*hd, h], [3, nh*hd] or None)."""
+    nh, hd, h = config.num_attention_heads, config.head_dim, config.hidden_size
+    w = state[prefix + "linear_qkv.weight"].view(nh, 3, hd, h).transpose(0, 1).reshape(3, nh * hd, h)
+    b = state.get(prefix + "linear_qkv.bias")
+    b = None if b is None else b.view(nh, 3, hd).transpose(0, 1).reshape(3, nh * hd)
+    return w, b
+
+
+def gpt2_state_dict(state: dict, config: TransformerConfig) -> Dict[str, torch.Tensor]:
+    """Our GPT state dict -> GPT2LMHeadModel's (Conv1D weights are [in, out])."""
+    h, f = config.hidden_size, config.ffn_hidden_size
+    zeros = lambda n: torch.zeros(n, dtype=state["embedding.word_embeddings.weight"].dtype)  # noqa: E731
+    out = {"transformer.wte.weight": state["embedding.word_embeddings.weight"],
+           "transformer.wpe.weight": state["embedding.position_embeddings.weight"],
+           "transformer.ln_f.weight": state["decoder.final_layernorm.weight"],
+           "transformer.ln_f.bias": state["decoder.final_layernorm.bias"]}
+    for i in range(config.num_layers):
+        p, q = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        w, b = _qkv(state, p + "self_attention.", config)
+        out[q + "attn.c_attn.weight"] = w.reshape(3 * h, h).t()  # [h, 3h]: columns q | k | v
+        out[q + "attn.c_attn.bias"] = zeros(3 * h) if b is None else b.reshape(3 * h)
+        for ours, theirs, n in (("self_attention.linear_proj", "attn.c_proj", h), ("mlp.linear_fc1", "mlp.c_fc", f),
+                                ("mlp.linear_fc2", "mlp.c_proj", h)):
+            out[q + theirs + ".weight"] = state[p + ours + ".weight"].t()  # [in, out]
+            out[q + theirs + ".bias"] = state.get(p + ours + ".bias", zeros(n))
+        for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+            out[q + theirs + ".weight"] = state[p + ours + ".weight"]
+            out[q + theirs + ".bias"] = state[p + ours + ".bias"]
+    if config.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = state["output_layer.weight"]
+    return out
+
+
+def llama_state_dict(state: dict, config: TransformerConfig) -> Dict[str, torch.Tensor]:
+    """Our GPT state dict -> LlamaForCausalLM's (separate q/k/v, fc1 split into gate and up)."""
+    f = config.ffn_hidden_size
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    for i in range(config.num_layers):
+        p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
+        w, b = _qkv(state, p + "self_attention.", config)
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[q + f"self_attn.{name}.weight"] = w[j]
+            if b is not None:
+                out[q + f"self_attn.{name}.bias"] = b[j]
+        fc1_w, fc1_b = state[p + "mlp.linear_fc1.weight"], state.get(p + "mlp.linear_fc1.bias")
+        pairs = [("self_attn.o_proj", state[p + "self_attention.linear_proj.weight"],
+                  state.get(p + "self_attention.linear_proj.bias")),
+                 ("mlp.gate_proj", fc1_w[:f], None if fc1_b is None else fc1_b[:f]),
+                 ("mlp.up_proj", fc1_w[f:], None if fc1_b is None else fc1_b[f:]),
+                 ("mlp.down_proj", state[p + "mlp.linear_fc2.weight"], state.get(p + "mlp.linear_fc2.bias"))]
+        for name, weight, bias in pairs:
+            out[q + name + ".weight"] = weight
+            if bias is not None:
+                out[q + name + ".bias"] = bias
+        out[q + "input_layernorm.weight"] = state[p + "input_layernorm.weight"]
+        out[q + "post_attention_layernorm.weight"] = state[p + "pre_mlp_layernorm.weight"]
+    if config.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = state["output_layer.weight"]
+    return out
+
+
+def hf_config(config: TransformerConfig, args: dict, eod: int, pad: int):
+    """The transformers config for our model: same shapes, eps, tying; EOD as BOS/EOS/pad."""
+    from transformers import GPT2Config, LlamaConfig
+
+    c = config
+    common = dict(vocab_size=c.vocab_size, bos_token_id=eod, eos_token_id=eod, pad_token_id=pad,
+                  tie_word_embeddings=not c.untie_embeddings_and_output_weights)
+    hidden_dropout, attention_dropout = args.get("hidden_dropout", 0.0), args.get("attention_dropout", 0.0)
+    if hf_architecture(c) == "gpt2":
+        return GPT2Config(n_positions=c.max_position_embeddings, n_embd=c.hidden_size, n_layer=c.num_layers,
+                          n_head=c.num_attention_heads, n_inner=c.ffn_hidden_size, activation_function="gelu",
+                          layer_norm_epsilon=c.layernorm_epsilon, resid_pdrop=hidden_dropout,
+                          embd_pdrop=hidden_dropout, attn_pdrop=attention_dropout,
+                          initializer_range=c.init_method_std, **common)
+    return LlamaConfig(hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
+                       num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
+                       num_key_value_heads=c.num_attention_heads, head_dim=c.head_dim, hidden_act="silu",
+                       max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.layernorm_epsilon,
+                       rope_theta=float(c.rotary_base), attention_bias=c.add_bias_linear, mlp_bias=c.add_bias_linear,
+                       attention_dropout=attention_dropout, initializer_range=c.init_method_std, **common)
+
+
+def _tokenizers_object(tokenizer):
+    """A `tokenizers.Tokenizer` that encodes exactly as our tokenizer does."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from megatron.core.tokenizer.null import NullTokenizer
+    from megatron.core.tokenizer.sentencepiece import SentencePieceTokenizer
+
+    if isinstance(tokenizer, NullTokenizer):
+        vocab = {str(i): i for i in range(tokenizer.vocab_size)}  # ids as words; EOD is "N"
+        tok = HFTokenizer(models.WordLevel(vocab, unk_token=str(tokenizer.eod)))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # no decoder: decode joins words with spaces
+        return tok
+    if isinstance(tokenizer, SentencePieceTokenizer) or not hasattr(tokenizer, "_tok"):
+        raise UserError(f"exporting a {type(tokenizer).__name__} is not supported; the weights would export, "
+                        f"but the tokenizer has no faithful tokenizer.json: train with GPT2BPETokenizer or "
+                        f"HuggingFaceTokenizer")
+    tok = HFTokenizer.from_str(tokenizer._tok.to_str())  # a copy of the exact pipeline our tokenizer runs
+    tok.post_processor = None  # our tokenize() adds no special tokens
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def save_tokenizer(tokenizer, out_dir: str, max_length: int):
+    """Write tokenizer.json + tokenizer_config.json for AutoTokenizer; return the HF tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _tokenizers_object(tokenizer)
+    eod, pad = tok.id_to_token(tokenizer.eod), tok.id_to_token(tokenizer.pad)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eod, eos_token=eod, pad_token=pad,
+                                     unk_token=None, model_max_length=max_length,
+                                     clean_up_tokenization_spaces=False)
+    hf_tok.save_pretrained(out_dir)
+    # transformers 5 names its own class ("TokenizersBackend"); the 4.x name loads in both.
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        tok_config = json.load(f)
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(path, "w") as f:
+        json.dump(tok_config, f, indent=2)
+    return hf_tok
+
+
+def export_to_hf(loaded, out_dir: str, dtype: str = "float32") -> str:
+    """Write `loaded` (a LoadedGPT) as a transformers folder `out_dir`; return the architecture name."""
+    from transformers import GenerationConfig, GPT2LMHeadModel, LlamaForCausalLM
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    config, tokenizer = loaded.config, loaded.tokenizer
+    arch = hf_architecture(config)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in loaded.model.state_dict().items()}
+    weights = (gpt2_state_dict if arch == "gpt2" else llama_state_dict)(state, config)
+    cfg = hf_config(config, loaded.args, tokenizer.eod, tokenizer.pad)
+    model = (GPT2LMHeadModel if arch == "gpt2" else LlamaForCausalLM)(cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    assert not missing and not unexpected, f"export mapping is incomplete: {missing[:3]} {unexpected[:3]}"
+    model.tie_weights()
+    model.to(DTYPES[dtype]).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad,
+        suppress_tokens=list(range(tokenizer.vocab_size, config.vocab_size)) or None)
+
+    if os.path.exists(out_dir) and os.listdir(out_dir) and \
+            not os.path.exists(os.path.join(out_dir, "megatron_ltd_export.json")):
+        raise UserError(f"--output-dir {out_dir} exists and is not an earlier export; pass a new or empty folder")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)  # written aside, moved in when complete
+    try:
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp, config.max_position_embeddings)
+        with open(os.path.join(tmp, "megatron_ltd_export.json"), "w") as f:
+            json.dump({"source": loaded.path, "iteration": loaded.iteration, "architecture": arch,
+                       "padded_vocab_size": config.vocab_size, "tokenizer_vocab_size": tokenizer.vocab_size}, f,
+                      indent=2)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return arch

@@ -1,0 +1,78 @@
+"""Convert a checkpoint between tensor- (TP) and pipeline-parallel (PP) layouts.
+
+Evaluation and export read one unsharded model; a run resumed on other hardware wants another TP/PP.
+This tool merges whatever layout training wrote and splits it for the target sizes:
+
+    python tools/checkpoint_util.py --load ckpt/tp2pp2 --save ckpt/merged --merge
+    python tools/checkpoint_util.py --load ckpt/merged --save ckpt/tp4pp2 \
+        --target-tensor-parallel-size 4 --target-pipeline-parallel-size 2
+
+The padded vocabulary is re-padded to what a run at the target TP computes when the tokenizer's size
+is known (rebuilt from the saved tokenizer flags, or `--true-vocab-size`); padding rows are dropped or
+added as zeros. The output keeps args (with the new sizes), iteration, the model and the counters;
+optimizer and RNG states are dropped because they only make sense in the layout that wrote them, so
+resume with `--no-load-optim --no-load-rng` (or `--finetune`). Nothing is written unless the whole conversion
+succeeds; the tracker file is replaced last. Logic: megatron/training/checkpoint_layout.py.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from megatron.core.errors import UserError  # noqa: E402
+from megatron.training.checkpoint_layout import RESUME_HINT, convert_checkpoint  # noqa: E402
+from megatron.training.cli import run_cli  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Merge or re-split a Megatron checkpoint for other TP/PP sizes.", allow_abbrev=False)
+    p.add_argument("--load", required=True, help="checkpoint root (holds latest_checkpointed_iteration.txt)")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the tracker's)")
+    p.add_argument("--save", required=True, help="output root; must differ from --load")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=None)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=None)
+    p.add_argument("--merge", action="store_true", help="shorthand for target sizes 1 and 1 (unsharded)")
+    p.add_argument("--true-vocab-size", type=int, default=None,
+                   help="the tokenizer's size before padding (default: rebuild the tokenizer from the saved flags); "
+                        "the padded vocabulary is re-padded as a run at the target TP computes it")
+    return p
+
+
+def target_sizes(args) -> tuple:
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    if args.merge:
+        if (tp or 1) != 1 or (pp or 1) != 1:
+            raise UserError("--merge means target sizes 1 and 1; drop it or the --target-* flags")
+        return 1, 1
+    if tp is None or pp is None:
+        raise UserError("give --target-tensor-parallel-size and --target-pipeline-parallel-size, or --merge")
+    return tp, pp
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    tp, pp = target_sizes(args)
+    s = convert_checkpoint(args.load, args.save, tp, pp, args.iteration, args.true_vocab_size)
+    print(f"converted iteration {s['iteration']}: TP={s['source'][0]} PP={s['source'][1]} -> "
+          f"TP={tp} PP={pp} ({s['files']} files) in {args.save}")
+    print(f"parameters: {s['parameters']:,}")
+    old, new = s["vocab"]
+    if s["true_vocab"] is None:
+        print(f"padded vocabulary kept at {old} rows (tokenizer not found from the saved flags); a training run "
+              f"at TP={tp} may pad to another size: pass --true-vocab-size to re-pad as it does")
+    else:
+        print(f"padded vocabulary: {old} -> {new} rows for TP={tp} (tokenizer: {s['true_vocab']} ids)")
+    if s["dropped"]:
+        print(f"dropped (layout-specific): {', '.join(s['dropped'])}; {RESUME_HINT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
