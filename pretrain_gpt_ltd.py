@@ -49,6 +49,7 @@ def main(argv=None):
     padded_vocab = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                            args.tensor_model_parallel_size)
     args.padded_vocab_size = padded_vocab
+    args.true_vocab_size = tokenizer.vocab_size  # lets tools/checkpoint_util.py re-pad for another TP size
     config = transformer_config(args, padded_vocab)
 
     def model_provider(_args, pre_process, post_process, layer_offset, num_local_layers):

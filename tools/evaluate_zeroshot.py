@@ -69,13 +69,11 @@ def task_manager_for(tasks, include_path, hub_online: bool, use_cache: bool):
     """A TaskManager that knows every task; only local folders when they hold them all (no 10 s index)."""
     from lm_eval.tasks import TaskManager
 
-    wanted = [t for t in tasks if not t.endswith((".yaml", ".yml"))]
-    missing = wanted
-    if include_path:
-        local = TaskManager(include_path=include_path, include_defaults=False)
-        missing = [t for t in wanted if t not in local.all_tasks]
-        if not missing:
-            return local
+    wanted = [t for t in tasks if not t.endswith((".yaml", ".yml"))]  # YAML paths load by themselves
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    missing = [t for t in wanted if t not in local.all_tasks]
+    if not missing:
+        return local
     if not hub_online and not use_cache:
         raise offline_error(missing)
     tm = TaskManager(include_path=include_path)
@@ -107,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--bootstrap-iters", type=int, default=1000,
                    help="bootstrap resamples for stderr of perplexity-like metrics (0: none)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling and global RNG seed")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype to run the model in (log-softmax is always fp32)")
     p.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None)
     g = p.add_argument_group("tokenizer files, when they moved since training")
     g.add_argument("--vocab-file")
@@ -128,6 +128,7 @@ def parse_args(argv=None):
 
 def evaluate(args, task_manager):
     """Run lm-eval on this rank; the results dict on rank 0, None elsewhere."""
+    import torch
     from lm_eval import simple_evaluate
 
     from megatron.core import parallel_state
@@ -137,7 +138,8 @@ def evaluate(args, task_manager):
     device = parallel_state.init_distributed(args.distributed_backend)  # joins torchrun's group if any
     overrides = {"vocab_file": args.vocab_file, "merge_file": args.merge_file,
                  "tokenizer_model": args.tokenizer_model}
-    gpt = load_gpt_checkpoint(args.load, args.iteration, device=device, tokenizer_overrides=overrides)
+    gpt = load_gpt_checkpoint(args.load, args.iteration, device=device, dtype=getattr(torch, args.dtype),
+                              tokenizer_overrides=overrides)
     lm = MegatronGPTLM(gpt.model, gpt.tokenizer, batch_size=args.batch_size)
     if lm.rank == 0:
         n = sum(p.numel() for p in gpt.model.parameters())
@@ -151,6 +153,8 @@ def evaluate(args, task_manager):
     except ConnectionError as e:  # also huggingface_hub's OfflineModeIsEnabled
         raise UserError(f"a task's data could not be fetched from the Hugging Face Hub "
                         f"({str(e).splitlines()[0][:160]}); " + LOCAL_DATA_HINT.format(tasks=",".join(args.tasks)))
+    except FileNotFoundError as e:  # a task YAML naming a data file that is not there
+        raise UserError(f"a task's data file is missing: {str(e).splitlines()[0][:200]}")
 
 
 def report(results, output_path) -> None:

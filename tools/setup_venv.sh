@@ -15,7 +15,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     || "$VPY" -m pip install -q "torch>=2.4,<2.15" --index-url https://download.pytorch.org/whl/cpu
 fi
 if [ "${1:-}" = "--test" ]; then
-  "$VPY" -m pip install -q -e ".[test]"
+  "$VPY" -m pip install -q -e ".[test,eval]"
   if [ ! -d .venv/megatron-core-oracle/megatron ]; then
     "$VPY" -m pip install -q --no-deps --target .venv/megatron-core-oracle "megatron-core==0.16.1"
   fi

@@ -9,9 +9,9 @@ tokenizer from its tokenizer flags (files are looked up where training found the
 says with `tokenizer_overrides`). The model is put in eval mode, so random-LTD and dropout are off and
 every layer sees the full sequence.
 
-Only the single-file layout (`iter_XXXXXXX/mp_rank_00/`) loads here. A checkpoint saved with tensor or
-pipeline parallelism (`mp_rank_01/`, `mp_rank_00_001/`, ...) is merged first with
-`tools/checkpoint_util.py --merge`.
+A checkpoint saved with tensor or pipeline parallelism (`mp_rank_01/`, `mp_rank_00_001/`, ...) is merged
+in memory (`megatron.training.checkpoint_layout.load_merged_checkpoint`, the logic behind
+`tools/checkpoint_util.py --merge`) into the single-process model.
 """
 
 import os
@@ -25,6 +25,7 @@ from megatron.core.errors import UserError
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, vocab_size_with_padding
 from megatron.core.transformer.config import TransformerConfig
+from megatron.training.checkpoint_layout import load_merged_checkpoint
 from megatron.training.checkpointing import checkpoint_dir, load_checkpoint, read_tracker
 
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -58,16 +59,13 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None):
     return load, iteration
 
 
-def check_single_file_layout(root: str, iteration: int) -> None:
-    """A UserError for a tensor/pipeline-parallel checkpoint, which must be merged before loading here."""
+def is_single_file_layout(root: str, iteration: int) -> bool:
+    """True for `iter_XXXXXXX/mp_rank_00/`; False for a tensor/pipeline-parallel checkpoint."""
     folder = checkpoint_dir(root, iteration)
     if not os.path.isdir(folder):
         raise UserError(f"checkpoint folder {folder} is missing; --load {root} has no iteration {iteration}")
     ranks = sorted(d for d in os.listdir(folder) if RANK_DIR.match(d))
-    if ranks and ranks != ["mp_rank_00"]:
-        shown = ", ".join(ranks[:4]) + (", ..." if len(ranks) > 4 else "")
-        raise UserError(f"checkpoint {folder} is split for tensor/pipeline parallelism ({shown}); merge it "
-                        f"into one file first: python tools/checkpoint_util.py --merge --load {root} --save DIR")
+    return not ranks or ranks == ["mp_rank_00"]
 
 
 def config_from_args(args: dict) -> TransformerConfig:
@@ -117,10 +115,12 @@ def tokenizer_from_args(args: dict, root: str, overrides: Optional[dict] = None)
 
 def load_gpt_checkpoint(load: str, iteration: Optional[int] = None, device="cpu", dtype=torch.float32,
                         tokenizer_overrides: Optional[dict] = None) -> LoadedGPT:
-    """Model (eval mode), tokenizer and config of a single-file GPT checkpoint."""
+    """Model (eval mode), tokenizer and config of a GPT checkpoint in any training layout."""
     root, iteration = resolve_checkpoint(load, iteration)
-    check_single_file_layout(root, iteration)
-    ckpt = load_checkpoint(root, iteration)
+    if is_single_file_layout(root, iteration):
+        ckpt = load_checkpoint(root, iteration)
+    else:
+        ckpt = load_merged_checkpoint(root, iteration)
     args = dict(ckpt.get("args") or {})
     tokenizer = tokenizer_from_args(args, root, tokenizer_overrides)
     if "padded_vocab_size" not in args:  # older checkpoints: recompute as the trainer did

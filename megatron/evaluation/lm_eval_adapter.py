@@ -100,14 +100,13 @@ class MegatronGPTLM(TemplateLM):
     # --- scoring ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _logprobs(self, rows: List[List[int]]) -> torch.Tensor:
-        """Log-softmax over the padded vocab for right-padded `rows`: [b, s, V] fp32."""
+    def _logits(self, rows: List[List[int]]) -> torch.Tensor:
+        """The model's logits for right-padded `rows`: [b, s, V]."""
         s = max(len(r) for r in rows)
         tokens = torch.full((len(rows), s), self.eot_token_id, dtype=torch.long)  # [b, s]
         for i, r in enumerate(rows):
             tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        logits = self.model(tokens.to(self._device))  # [b, s, V]
-        return F.log_softmax(logits.float(), dim=-1)
+        return self.model(tokens.to(self._device))  # [b, s, V]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
         """(sum log p(continuation | context), continuation is the greedy choice) per request, in order."""
@@ -121,13 +120,13 @@ class MegatronGPTLM(TemplateLM):
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first: similar lengths per batch
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            logp = self._logprobs([rows[i] for i in batch])  # [b, s, V]
+            logits = self._logits([rows[i] for i in batch])  # [b, s, V]
             for j, i in enumerate(batch):
                 n, c = len(rows[i]), len(conts[i])
                 if c == 0:
                     results[i] = (0.0, True)
                     continue
-                lp = logp[j, n - c:n]  # [c, V]: the positions that predict the continuation
+                lp = F.log_softmax(logits[j, n - c:n].float(), dim=-1)  # [c, V]: the positions predicting cont
                 target = torch.tensor(conts[i], device=lp.device)  # [c]
                 score = lp.gather(1, target[:, None]).sum().item()
                 results[i] = (score, bool((lp.argmax(-1) == target).all()))
@@ -169,7 +168,7 @@ class MegatronGPTLM(TemplateLM):
     def _generation_settings(self, gen_kwargs: dict):
         kw = dict(gen_kwargs or {})
         until = kw.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = [u for u in ([until] if isinstance(until, str) else until) if u]
         max_gen = int(kw.pop("max_gen_toks", self.max_gen_toks))
         if max_gen >= self.max_length:
             raise UserError(f"max_gen_toks {max_gen} leaves no room for context in {self.max_length} positions")
@@ -181,9 +180,9 @@ class MegatronGPTLM(TemplateLM):
         generated: List[List[int]] = [[] for _ in seqs]
         active = list(range(len(seqs)))  # rows still generating
         for _ in range(max_gen):
-            logp = self._logprobs([seqs[i] for i in active])  # [b, s, V]
-            last = torch.tensor([len(seqs[i]) - 1 for i in active], device=logp.device)  # [b]
-            next_ids = logp[torch.arange(len(active)), last, :self._vocab].argmax(-1).tolist()  # [b]
+            logits = self._logits([seqs[i] for i in active])  # [b, s, V]
+            last = torch.tensor([len(seqs[i]) - 1 for i in active], device=logits.device)  # [b]
+            next_ids = logits[torch.arange(len(active)), last, :self._vocab].argmax(-1).tolist()  # [b]
             for i, tok in zip(list(active), next_ids):
                 if tok != self.eot_token_id:
                     seqs[i].append(tok)
@@ -197,8 +196,7 @@ class MegatronGPTLM(TemplateLM):
     @staticmethod
     def _cut(text: str, until: List[str]) -> str:
         for u in until:
-            if u:
-                text = text.split(u)[0]
+            text = text.split(u)[0]
         return text
 
     # --- data-parallel hooks (lm-eval shards documents by rank and gathers metrics on rank 0) ---------

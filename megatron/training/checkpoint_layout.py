@@ -390,7 +390,10 @@ VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def tokenizer_vocab_size(args: dict) -> Optional[int]:
-    """The training tokenizer's size before padding, if the saved tokenizer flags still find its files."""
+    """The training tokenizer's size before padding: saved by the trainer as `true_vocab_size`, or rebuilt
+    from the saved tokenizer flags when they still find their files (older checkpoints)."""
+    if args.get("true_vocab_size"):
+        return int(args["true_vocab_size"])
     if args.get("tokenizer_type") is None:
         return None
     flags = {k: args.get(k) for k in ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")}

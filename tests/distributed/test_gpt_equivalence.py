@@ -76,3 +76,21 @@ def test_resume_in_sharded_layout_is_exact(tmp_path, data):
     assert [r["lm_loss"] for r in a] == [r["lm_loss"] for r in b]
     assert sorted(p.name for p in (tmp_path / "a" / "iter_0000010").iterdir()) == [
         "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+
+
+def test_merged_tp2_pp2_checkpoint_equals_single_process(tmp_path, data):
+    """Train TP=2 x PP=2 and one process side by side, merge the sharded checkpoint: same weights."""
+    import torch
+
+    from megatron.training.checkpoint_layout import convert_checkpoint
+    from megatron.training.checkpointing import load_checkpoint
+
+    argv = BASE + ["--data-path", data, "--untie-embeddings-and-output-weights", "--swiglu"] + LTD
+    run_layout(argv + ["--save", str(tmp_path / "single")], 1, 1, 1)
+    run_layout(argv + ["--save", str(tmp_path / "sharded")], 2, 2, 1)
+    convert_checkpoint(str(tmp_path / "sharded"), str(tmp_path / "merged"), 1, 1)
+    single = load_checkpoint(str(tmp_path / "single"))["model"]
+    merged = load_checkpoint(str(tmp_path / "merged"))["model"]
+    assert sorted(single) == sorted(merged)
+    for key in single:
+        torch.testing.assert_close(merged[key], single[key], atol=2e-5, rtol=1e-4, msg=key)

@@ -1,6 +1,7 @@
 """The 1.3B recipes are the very scripts users launch; here they run through torchrun on CPU, shrunk."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,9 +13,15 @@ TINY_ENV = dict(NUM_LAYERS="4", HIDDEN="32", HEADS="4", SEQ="32", GLOBAL_BATCH="
                 EXTRA_ARGS="--num-workers 0")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_recipe(script, tmp_path, **env):
     full = {**os.environ, **TINY_ENV, "DATA_PATH": make_pattern_data(tmp_path, num_docs=2000), "OUT": str(tmp_path / "run"),
-            "MASTER_PORT": "0", **env}
+            "MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", **env}
     full["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full.get("PATH", "")  # torchrun of this venv
     full.pop("WORLD_SIZE", None)
     proc = subprocess.run(["bash", os.path.join(REPO, "examples", script)], env=full, capture_output=True,

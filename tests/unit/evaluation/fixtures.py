@@ -5,9 +5,11 @@ Everything is built once per pytest process (about 3 s) under a session temp fol
 module points the Hugging Face libraries at offline mode and a private datasets cache.
 """
 
+import atexit
 import json
 import os
 import random
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "HF_DATASETS_CACHE" not in os.environ:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="megatron-ltd-hf-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 from tests.scripts import load_script  # noqa: E402
 
@@ -79,9 +82,9 @@ def write_tasks(root):
             for name, rows in (("mc", mc), ("lam", lam), ("pages", pages), ("gen", gen))}
     common = "dataset_path: json\ndataset_name: null\ntest_split: test\nmetadata:\n  version: 1.0\n"
     yamls = {
-        "tiny_mc": f"""output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
+        "tiny_mc": """output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_choice: "{{choices}}"
 doc_to_target: label
 metric_list:
   - metric: acc
@@ -150,6 +153,6 @@ def evaluate(lm, tasks_dir, tasks=TASKS, **kwargs):
 
 
 def metrics(results):
-    """{task: {metric: value}} without stderr entries or names."""
-    return {t: {k: v for k, v in r.items() if "," in k and "_stderr" not in k}
-            for t, r in results["results"].items()}
+    """{"task/metric,filter": value} for every metric (stderr left out), flat for pytest.approx."""
+    return {f"{t}/{k}": float(v) for t, r in results["results"].items() for k, v in r.items()
+            if "," in k and "_stderr" not in k}

@@ -1,0 +1,55 @@
+"""tools/convert_checkpoint_to_hf.py on trained tiny checkpoints of both architectures: the export's logits
+and tokenizer equal ours, and lm-eval's own `hf` backend on the export reports our adapter's metrics."""
+
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from megatron.core.models.gpt import GPTModel
+from megatron.evaluation.checkpoint_model import config_from_args, load_gpt_checkpoint
+from megatron.evaluation.lm_eval_adapter import MegatronGPTLM
+from megatron.training.checkpointing import save_checkpoint
+from megatron.training.cli import run_cli
+from tests.scripts import load_script
+from tests.unit.evaluation import fixtures
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return fixtures.tiny_setup(tmp_path_factory)
+
+
+def convert(argv):
+    return run_cli(load_script("tools/convert_checkpoint_to_hf.py").main, argv)
+
+
+@pytest.mark.parametrize("arch", sorted(fixtures.ARCHS))
+def test_export_matches_our_model_and_adapter(setup, tmp_path, capsys, arch):
+    out = str(tmp_path / "hf")
+    assert convert(["--load", setup[arch], "--output-dir", out]) == 0
+    assert f"{arch} architecture" in capsys.readouterr().out
+    gpt = load_gpt_checkpoint(setup[arch])
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, gpt.tokenizer.vocab_size, (2, fixtures.SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, gpt.model(tokens), atol=1e-4, rtol=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in ("the cat sat on the mat.", "  Blue\nriver, 42!", ""):
+        assert tok.encode(text) == gpt.tokenizer.tokenize(text)
+        assert tok.decode(tok.encode(text)) == text
+
+    ours = fixtures.evaluate(MegatronGPTLM(gpt.model, gpt.tokenizer, batch_size=4), setup["tasks"])
+    theirs = fixtures.evaluate(HFLM(pretrained=out, device="cpu", batch_size=4, dtype="float32"), setup["tasks"])
+    assert fixtures.metrics(theirs) == pytest.approx(fixtures.metrics(ours), rel=1e-4)
+    generated = {t: [s["resps"] for s in r["samples"]["tiny_gen"]] for t, r in (("ours", ours), ("hf", theirs))}
+    assert generated["ours"] == generated["hf"]
+
+
+def test_architecture_without_equivalent_is_refused(setup, tmp_path, capsys):
+    args = dict(load_gpt_checkpoint(setup["gpt2"]).args, position_embedding_type="rope")  # rope + LayerNorm
+    save_checkpoint(str(tmp_path / "ckpt"), 1, {"args": args, "model": GPTModel(config_from_args(args)).state_dict()})
+    assert convert(["--load", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no Hugging Face architecture matches --position-embedding-type rope")
+    assert not (tmp_path / "hf").exists()
