@@ -12,22 +12,10 @@ import sys
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tokenizer import build_tokenizer, tokenizer_config_from_args, vocab_size_with_padding
-from megatron.core.transformer.config import TransformerConfig
 from megatron.training.arguments import parse_args
 from megatron.training.cli import run_cli
+from megatron.training.model_config import transformer_config
 from megatron.training.trainer import pretrain
-
-
-def transformer_config(args, vocab_size: int, causal: bool = True) -> TransformerConfig:
-    return TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        seq_length=args.seq_length, vocab_size=vocab_size, max_position_embeddings=args.max_position_embeddings,
-        ffn_hidden_size=args.ffn_hidden_size, position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
-        swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear, hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights, causal=causal,
-    )
 
 
 def forward_step(data_iterator, model):

@@ -7,10 +7,16 @@ Same flags and output names as Megatron-LM's tools/preprocess_data.py, so the fi
         --append-eod --workers 8
     # -> data/corpus_text_document.bin / .idx   (train with --data-path data/corpus_text_document)
 
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
+        --tokenizer-type BertWordPieceLowerCase --vocab-file vocab.txt --split-sentences --workers 8
+    # -> data/corpus_text_sentence.bin / .idx   (BERT data: one sequence per sentence)
+
 Each line is one document: a JSON object whose `--json-keys` hold a string (or a list of strings, each
-kept as its own sequence). Tokens are stored as uint16 when the vocab has fewer than 65500 ids, else
-int32. A bad line stops the run with its line number; output is written under temporary names and
-only renamed into place when everything succeeded, so a failed run leaves no partial files.
+kept as its own sequence). With --split-sentences each string is split into sentences by nltk's Punkt,
+offline (megatron/core/datasets/sentences.py), and each sentence is one sequence. Tokens are stored as
+uint16 when the vocab has fewer than 65500 ids, else int32. A bad line stops the run with its line
+number; output is written under temporary names and only renamed into place when everything succeeded,
+so a failed run leaves no partial files.
 """
 
 import argparse
@@ -21,13 +27,14 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from tqdm import tqdm  # noqa: E402
 
 from megatron.core.datasets.indexed import IndexedDatasetBuilder, optimal_dtype  # noqa: E402
+from megatron.core.datasets.sentences import PUNKT_SOURCES, SentenceSplitter, punkt_parameters  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.core.tokenizer import (  # noqa: E402
     TokenizerConfig,
@@ -45,11 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (BERT data)")
     g.add_argument("--keep-newlines", action="store_true", help="with --split-sentences: keep newlines")
     g.add_argument("--lang", type=str, default="english", help="with --split-sentences: NLTK punkt language")
+    g.add_argument("--punkt", choices=PUNKT_SOURCES, default="auto",
+                   help="with --split-sentences: Punkt parameters from the installed NLTK data (nltk), trained "
+                        "on the input (input), nltk's defaults (untrained), or nltk if installed else input "
+                        "(auto). Nothing is ever downloaded.")
+    g.add_argument("--punkt-train-chars", type=int, default=5_000_000,
+                   help="with --punkt input/auto: characters of the input to train Punkt on")
     add_tokenizer_args(p)
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to each non-empty document")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", type=str, required=True,
-                   help="writes {prefix}_{key}_document.bin/.idx")
+                   help="writes {prefix}_{key}_document.bin/.idx ({prefix}_{key}_sentence with "
+                        "--split-sentences)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     g.add_argument("--partitions", type=int, default=1, help="must be 1 (kept for Megatron's command lines)")
@@ -62,13 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
 # Per-process tokenization (runs in the pool's workers, or in-process with --workers 1)
 # ---------------------------------------------------------------------------------------------------
 class Encoder:
-    """Turns one JSONL line into {key: (token ids, sequence lengths)} or an error message."""
+    """Turns one JSONL line into {key: (token ids, sequence lengths)} or an error message.
 
-    def __init__(self, tokenizer_config: TokenizerConfig, keys: List[str], append_eod: bool, input_name: str):
+    Each string is one sequence, or with a `splitter` one sequence per sentence; empty ones are dropped.
+    """
+
+    def __init__(self, tokenizer_config: TokenizerConfig, keys: List[str], append_eod: bool, input_name: str,
+                 splitter: Optional[SentenceSplitter] = None):
         self.tokenizer_config = tokenizer_config
         self.keys = keys
         self.append_eod = append_eod
         self.input_name = input_name
+        self.splitter = splitter
         self.tokenizer = None
 
     def start(self) -> None:
@@ -96,6 +115,8 @@ class Encoder:
             texts = value if isinstance(value, list) else [value]
             if not all(isinstance(t, str) for t in texts):
                 return "error", f"{where}: {key!r} must be a string or a list of strings", 0
+            if self.splitter is not None:
+                texts = [sentence for text in texts for sentence in self.splitter.split(text)]
             ids: List[int] = []
             lengths: List[int] = []
             try:
@@ -138,9 +159,10 @@ def _lines(path: str) -> Iterator[Tuple[int, bytes]]:
 # The run
 # ---------------------------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> None:
-    if args.split_sentences or args.keep_newlines:
-        raise UserError("--split-sentences (sentence-level BERT data) is not supported yet; "
-                        "drop it to write document-level data")
+    if args.keep_newlines and not args.split_sentences:
+        raise UserError("--keep-newlines only applies with --split-sentences; add --split-sentences or drop it")
+    if args.punkt_train_chars < 1:
+        raise UserError(f"--punkt-train-chars must be >= 1, got {args.punkt_train_chars}")
     if not os.path.isfile(args.input):
         raise UserError(f"--input {args.input}: no such file; pass a JSONL file with one JSON document per line")
     if args.workers < 1:
@@ -173,16 +195,22 @@ def preprocess(args: argparse.Namespace) -> Dict[str, dict]:
     tokenizer_config = tokenizer_config_from_args(args)
     tokenizer = load_tokenizer(tokenizer_config)  # fail here, before any output, on a bad tokenizer
     dtype = optimal_dtype(tokenizer.vocab_size)
-    encoder = Encoder(tokenizer_config, args.json_keys, args.append_eod, args.input)  # for the workers
-
     out_dir = os.path.dirname(args.output_prefix)
     if out_dir and not os.path.isdir(out_dir):
         raise UserError(f"--output-prefix {args.output_prefix}: folder {out_dir} does not exist; create it first")
-    stats = {k: {"documents": 0, "tokens": 0} for k in args.json_keys}
+    level, splitter = "document", None
+    if args.split_sentences:
+        level = "sentence"
+        params, source = punkt_parameters(args.punkt, args.lang, args.input, args.json_keys, args.punkt_train_chars)
+        splitter = SentenceSplitter(params, keep_newlines=args.keep_newlines)
+        print(f"splitting sentences with {source}", file=sys.stderr)
+    encoder = Encoder(tokenizer_config, args.json_keys, args.append_eod, args.input, splitter)  # for the workers
+
+    stats = {k: {"documents": 0, "sequences": 0, "tokens": 0} for k in args.json_keys}
     with ExitStack() as stack:
         builders = {}
         for key in args.json_keys:
-            bin_path, _ = output_paths(args.output_prefix, key)
+            bin_path, _ = output_paths(args.output_prefix, key, level)
             try:
                 builders[key] = stack.enter_context(IndexedDatasetBuilder(bin_path, dtype))
             except OSError as e:
@@ -208,6 +236,7 @@ def preprocess(args: argparse.Namespace) -> Dict[str, dict]:
             for key, (ids, lengths) in payload.items():
                 builders[key].add_document(ids, lengths)
                 stats[key]["documents"] += 1
+                stats[key]["sequences"] += len(lengths)
                 stats[key]["tokens"] += len(ids)
                 n_tokens += len(ids)
             n_docs += 1
@@ -223,9 +252,9 @@ def preprocess(args: argparse.Namespace) -> Dict[str, dict]:
         if n_docs == 0:
             raise UserError(f"--input {args.input} has no documents (every line is blank)")
         for key, builder in builders.items():
-            builder.finalize(output_paths(args.output_prefix, key)[1])
+            builder.finalize(output_paths(args.output_prefix, key, level)[1])
     for key, s in stats.items():
-        s.update(dtype=dtype.name, prefix=f"{args.output_prefix}_{key}_document")
+        s.update(dtype=dtype.name, prefix=f"{args.output_prefix}_{key}_{level}", level=level)
     return stats
 
 
@@ -240,7 +269,9 @@ def main(argv=None) -> int:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
     for s in stats.values():
-        print(f"wrote {s['prefix']}.bin/.idx: {s['documents']} documents, {s['tokens']} tokens ({s['dtype']})")
+        sentences = f"{s['sequences']} sentences, " if s["level"] == "sentence" else ""
+        print(f"wrote {s['prefix']}.bin/.idx: {s['documents']} documents, {sentences}{s['tokens']} tokens "
+              f"({s['dtype']})")
     return 0
 
 

@@ -8,6 +8,9 @@ with `<|endoftext|>` (id 0) for GPT2BPETokenizer.
 SentencePieceTokenizer. It is trained for an exact round trip: no normalization, whitespace kept as is,
 and byte fallback so characters unseen in training still encode. Each line of each document is one
 SentencePiece "sentence" (newlines themselves are encoded through byte fallback).
+`--type wordpiece`: BERT's WordPiece (HF `tokenizers`), written as `vocab.txt` (one piece per line, `##`
+marking word continuations) for BertWordPieceLowerCase, or with `--cased` for BertWordPieceCase. The
+special tokens come first: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4 ([BOS]/[EOS] are appended on load).
 
 The input is read in full once to validate it (a bad line is a one-line error naming it), then streamed
 to the trainer. Outputs are written to a temporary folder beside `--output-dir` and moved in at the end,
@@ -26,8 +29,10 @@ import time
 from megatron.core.errors import UserError
 
 EOD_TOKEN = "<|endoftext|>"
-TYPES = ("gpt2-bpe", "sentencepiece")
-OUTPUTS = {"gpt2-bpe": ("vocab.json", "merges.txt"), "sentencepiece": ("tokenizer.model", "tokenizer.vocab")}
+TYPES = ("gpt2-bpe", "sentencepiece", "wordpiece")
+OUTPUTS = {"gpt2-bpe": ("vocab.json", "merges.txt"), "sentencepiece": ("tokenizer.model", "tokenizer.vocab"),
+           "wordpiece": ("vocab.txt",)}
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def iter_texts(path: str, keys):
@@ -102,6 +107,21 @@ def train_sentencepiece(path, keys, vocab_size, out_dir) -> int:
     return sp.get_piece_size()
 
 
+def train_wordpiece(path, keys, vocab_size, out_dir, lowercase: bool = True) -> int:
+    """BERT WordPiece; the special tokens take ids 0-4. Returns the vocab size reached."""
+    from tokenizers import BertWordPieceTokenizer
+
+    if vocab_size < len(WORDPIECE_SPECIALS) + 1:
+        raise UserError(f"--vocab-size {vocab_size} is too small for wordpiece: need more than the "
+                        f"{len(WORDPIECE_SPECIALS)} special tokens")
+    tok = BertWordPieceTokenizer(lowercase=lowercase)  # BERT's normalizer and pre-tokenizer, ## prefix
+    tok.train_from_iterator(iter_texts(path, keys), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=list(WORDPIECE_SPECIALS), show_progress=False)
+    tok.save_model(out_dir)
+    assert [tok.token_to_id(t) for t in WORDPIECE_SPECIALS] == list(range(len(WORDPIECE_SPECIALS)))
+    return tok.get_vocab_size()
+
+
 def publish(tmp: str, out_dir: str, names) -> list:
     """Move the finished files from `tmp` into `out_dir` (created if missing); return their paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -111,11 +131,13 @@ def publish(tmp: str, out_dir: str, names) -> list:
     return paths
 
 
-def flags_for(kind: str, paths) -> str:
+def flags_for(kind: str, paths, cased: bool = False) -> str:
     """The tokenizer flags for preprocess_data.py and training, quoted for a shell."""
     q = [shlex.quote(p) for p in paths]
     if kind == "gpt2-bpe":
         return f"--tokenizer-type GPT2BPETokenizer --vocab-file {q[0]} --merge-file {q[1]}"
+    if kind == "wordpiece":
+        return f"--tokenizer-type BertWordPiece{'Case' if cased else 'LowerCase'} --vocab-file {q[0]}"
     return f"--tokenizer-type SentencePieceTokenizer --tokenizer-model {q[0]}"
 
 
@@ -126,6 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, required=True, help="target vocab size")
     parser.add_argument("--type", choices=TYPES, required=True, help="which kind of tokenizer")
     parser.add_argument("--output-dir", required=True, help="folder to write the tokenizer files into")
+    parser.add_argument("--cased", action="store_true",
+                        help="wordpiece: keep case and accents (BertWordPieceCase); default lowercases")
     args = parser.parse_args(argv)
     try:
         out_dir = os.path.abspath(args.output_dir)
@@ -137,7 +161,10 @@ def main(argv=None) -> int:
         if args.vocab_size < 1:
             raise UserError(f"--vocab-size must be positive, got {args.vocab_size}")
         chars = check_corpus(args.input, args.json_keys)
-        train = train_gpt2_bpe if args.type == "gpt2-bpe" else train_sentencepiece
+        if args.cased and args.type != "wordpiece":
+            raise UserError("--cased only applies to --type wordpiece")
+        train = {"gpt2-bpe": train_gpt2_bpe, "sentencepiece": train_sentencepiece,
+                 "wordpiece": lambda *a: train_wordpiece(*a, lowercase=not args.cased)}[args.type]
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=parent, prefix=".train-tokenizer-") as tmp:
             size = train(args.input, args.json_keys, args.vocab_size, tmp)
@@ -150,7 +177,8 @@ def main(argv=None) -> int:
           + (f" (asked {args.vocab_size}; the corpus supports no more)" if size < args.vocab_size else ""))
     for p in paths:
         print(f"wrote {p}")
-    print(f"preprocess_data.py flags: {flags_for(args.type, paths)} --append-eod")
+    data_flag = "--split-sentences" if args.type == "wordpiece" else "--append-eod"  # BERT data: sentences
+    print(f"preprocess_data.py flags: {flags_for(args.type, paths, args.cased)} {data_flag}")
     return 0
 
 

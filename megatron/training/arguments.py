@@ -66,7 +66,16 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--train-tokens", type=_int_or_float, default=None, help="raw tokens read (samples x seq)")
     g.add_argument("--train-layer-tokens", type=_int_or_float, default=None,
                    help="stop at the first iteration whose consumed layer-tokens reach this")
-    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit when the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit at the first iteration that ends this many minutes after start-up")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM/SIGINT finish the iteration, save a checkpoint and exit 0 (all ranks agree)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
+                   default=True, help="stop on an inf/NaN loss, or gradient without an fp16 loss scaler (default)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
@@ -122,6 +131,8 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true")
+    g.add_argument("--load-fallback", action="store_true",
+                   help="if the tracker's checkpoint is damaged, resume from the newest loadable older iteration")
     return p
 
 
@@ -170,6 +181,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     if args.num_workers < 0:
         raise UserError("--num-workers must be >= 0")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise UserError("--exit-interval must be positive")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise UserError("--exit-duration-in-mins must be positive")
 
 
 def print_args(args: argparse.Namespace, file=None) -> None:

@@ -32,7 +32,7 @@ import torch
 from megatron.core.errors import UserError
 from megatron.core.tensor_parallel.sharding import merge_shards, shard_tensor  # stride-aware, shared with the model
 from megatron.core.tokenizer import TokenizerConfig, build_tokenizer, vocab_size_with_padding
-from megatron.training.checkpointing import TRACKER, checkpoint_dir, checkpoint_file, read_tracker
+from megatron.training.checkpointing import TRACKER, checkpoint_dir, checkpoint_file, read_tracker, torch_load
 
 Rank = Tuple[int, int]  # (tensor-parallel rank, pipeline stage)
 
@@ -277,13 +277,12 @@ def rank_file(root: str, iteration: int, tp_rank: int, stage: int, pp: int) -> s
 
 
 def _load(path: str) -> dict:
+    """mmap when the file allows it (the optimizer states we drop are never read into memory); a pickled
+    payload or a damaged file is a one-line UserError (checkpointing.torch_load)."""
     try:
-        try:  # mmap: the optimizer states we drop are never read into memory
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a file in torch's old non-zip format cannot be mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line, not a traceback
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        return torch_load(path, mmap=True)
+    except UserError:
+        return torch_load(path)  # a file in torch's old non-zip format cannot be mapped
 
 
 def read_checkpoint(root: str, iteration: Optional[int] = None) -> ShardedCheckpoint:

@@ -20,8 +20,9 @@ def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def format_train_line(m: dict) -> str:
-    """Megatron's training log line; LTD fields are added when random-LTD is on."""
+def format_train_line(m: dict, metric_names=("lm loss",)) -> str:
+    """Megatron's training log line; LTD fields are added when random-LTD is on. `metric_names` are the
+    loss_fn metrics ("lm loss", "sop loss", ...), read from `m` under their underscored keys."""
     parts = [
         f" [{timestamp()}] iteration {m['iteration']:8d}/{m['train_iters']:8d}",
         f"consumed samples: {m['consumed_samples']:12d}",
@@ -29,8 +30,8 @@ def format_train_line(m: dict) -> str:
         f"tokens per second: {m['tokens_per_sec']:.1f}",
         f"learning rate: {m['lr']:.6E}",
         f"global batch size: {m['global_batch_size']:5d}",
-        f"lm loss: {m['lm_loss']:.6E}",
     ]
+    parts += [f"{name}: {m[name.replace(' ', '_')]:.6E}" for name in metric_names]
     if "ltd_seq_length" in m:
         parts += [
             f"ltd seq length: {m['ltd_seq_length']:5d}",
@@ -46,10 +47,12 @@ def format_train_line(m: dict) -> str:
     return " | ".join(parts) + " |"
 
 
-def format_validation_block(iteration: int, loss: float, name: str = "validation") -> str:
+def format_validation_block(iteration: int, loss: float, name: str = "validation", others=None) -> str:
+    """`others`: further metrics {"sop loss": value, ...}, printed as `sop loss value: ...`."""
     ppl = math.exp(min(20.0, loss))
     line = (f" {name} loss at iteration {iteration} on {name} set | lm loss value: {loss:.6E} | "
             f"lm loss PPL: {ppl:.6E} | ")
+    line += "".join(f"{k} value: {v:.6E} | " for k, v in (others or {}).items())
     dashes = "-" * len(line)
     return f"{dashes}\n{line}\n{dashes}"
 
@@ -73,28 +76,33 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=self.tensorboard_dir)
         return self._tb
 
-    def train(self, metrics: dict) -> None:
+    def train(self, metrics: dict, metric_names=("lm loss",)) -> None:
         if not self.enabled:
             return
-        print(format_train_line(metrics), flush=True)
+        print(format_train_line(metrics, metric_names), flush=True)
         self._json(metrics)
         if self.tb:
             step = metrics["iteration"]
             for key, tag in TB_TAGS.items():
                 if key in metrics:
                     self.tb.add_scalar(tag, metrics[key], step)
+            for name in metric_names:
+                if name.replace(" ", "_") not in TB_TAGS:
+                    self.tb.add_scalar(name, metrics[name.replace(" ", "_")], step)
             self.tb.add_scalar("lm loss vs samples", metrics["lm_loss"], metrics["consumed_samples"])
             if "consumed_layer_tokens" in metrics:
                 self.tb.add_scalar("lm loss vs layer tokens", metrics["lm_loss"], metrics["consumed_layer_tokens"])
 
     def validation(self, iteration: int, consumed_samples: int, loss: float, name: str = "validation",
-                   extra: Optional[dict] = None) -> None:
+                   extra: Optional[dict] = None, metrics: Optional[dict] = None) -> None:
+        """`metrics`: loss_fn metrics besides "lm loss" ({"sop loss": v}), logged as `{val,test}_sop_loss`."""
         if not self.enabled or loss is None:
             return
-        print(format_validation_block(iteration, loss, name), flush=True)
+        print(format_validation_block(iteration, loss, name, metrics), flush=True)
         key = "val" if name == "validation" else name
         record = {"iteration": iteration, "consumed_samples": consumed_samples,
-                  f"{key}_loss": loss, f"{key}_ppl": math.exp(min(20.0, loss)), **(extra or {})}
+                  f"{key}_loss": loss, f"{key}_ppl": math.exp(min(20.0, loss)),
+                  **{f"{key}_{k.replace(' ', '_')}": v for k, v in (metrics or {}).items()}, **(extra or {})}
         self._json(record)
         if self.tb:
             self.tb.add_scalar(f"lm loss {name}", loss, iteration)

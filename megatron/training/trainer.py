@@ -9,9 +9,17 @@ tokens); the forward/backward schedule (no pipelining, or 1F1B across pipeline s
 data-parallel gradient all-reduce; the tied-embedding gradient all-reduce between the first and last
 stage; one optimizer step (overflow check and clipping across model-parallel ranks); counters advance;
 the last stage's first rank logs; evaluation and checkpoints.
+
+Reliability (docs/RELIABILITY.md): after every iteration one small all-reduce tells all ranks whether
+any of them was signalled (--exit-signal-handler), ran past --exit-duration-in-mins or saw an inf/NaN
+loss; they then save and exit 0 together, or stop with one error line before anything corrupt is saved.
+As in Megatron, an iteration whose fp16 update was skipped (overflow) does not advance the LR schedule:
+its progress counters (`sched_samples`, `sched_layer_tokens`) count successful steps only and are
+checkpointed as `opt_param_scheduler`, while the data position counts every iteration.
 """
 
 import math
+import os
 import random
 import time
 from typing import Callable, Optional
@@ -34,6 +42,7 @@ from megatron.training.arguments import print_args
 from megatron.training.logging import RunLogger
 from megatron.training.lr_schedule import LRScheduleConfig, lr_at, progress_samples, schedule_lengths
 from megatron.training.run_length import RunLength, resolve_run_length
+from megatron.training.signals import Deadline, SignalRecorder, any_rank, ignore_stop_signals
 from megatron.training.state import TrainState
 
 # forward_step(data_iterator, model) -> (output tensor, loss_fn); on the last pipeline stage
@@ -57,14 +66,31 @@ def set_seed(seed: int) -> None:
     model_parallel_manual_seed(seed)  # torch default generator (+100 * pp rank) and the TP-rank tracker
 
 
-def _loader(dataset, consumed: int, mbs: int, seed: int, num_workers: int):
+def _loader(dataset, consumed: int, mbs: int, seed: int, num_workers: int, worker_init_fn=None):
     """This DP rank's micro-batches from `consumed` on, in Megatron's order; never touches the global RNG."""
     sampler = PretrainingSampler(total_samples=len(dataset), consumed_samples=consumed, micro_batch_size=mbs,
                                  data_parallel_rank=ps.get_data_parallel_rank(),
                                  data_parallel_size=ps.get_data_parallel_world_size())
     generator = torch.Generator().manual_seed(seed)
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=generator,
-                           persistent_workers=num_workers > 0))
+                           persistent_workers=num_workers > 0, worker_init_fn=worker_init_fn))
+
+
+class NumericalFault(UserError):
+    """An inf/NaN loss or gradient that loss scaling cannot absorb. Reported like a user error, one line
+    and no traceback: the remedy (resume from the last checkpoint, lower the LR) is the user's."""
+
+
+# Flags a checkpoint's model must share with the run that loads it (shape and meaning of the weights).
+MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "position_embedding_type",
+               "normalization", "swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights",
+               "padded_vocab_size", "true_vocab_size")
+
+
+def _mean_metrics(metrics: list) -> dict:
+    """{name: mean over this rank's micro-batches and the data-parallel group} for every metric that
+    loss_fn returns ("lm loss", BERT's "sop loss", ...); {} off the last pipeline stage."""
+    return {name: float(_mean_over_dp([m[name] for m in metrics])) for name in (metrics[0] if metrics else {})}
 
 
 def _mean_over_dp(values: list) -> Optional[torch.Tensor]:
@@ -80,7 +106,7 @@ def _mean_over_dp(values: list) -> Optional[torch.Tensor]:
 
 class Trainer:
     def __init__(self, args, model: torch.nn.Module, datasets, forward_step: ForwardStep, num_layers: int,
-                 run: RunLength):
+                 run: RunLength, signals: Optional[SignalRecorder] = None, deadline: Optional[Deadline] = None):
         self.args = args
         self.device = ps.get_device()
         self.model = model.to(self.device)
@@ -91,6 +117,13 @@ class Trainer:
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.num_micro = self.G // (self.mbs * self.dp)
         self.run = run
+        self.check_nan = getattr(args, "check_for_nan_in_loss_and_grad", True)
+        self.signals, self.deadline = signals, deadline or Deadline(getattr(args, "exit_duration_in_mins", None))
+        self.sched_samples = 0  # LR schedule progress: successful optimizer steps only (Megatron's num_steps)
+        self.sched_layer_tokens = 0
+        self.last_saved: Optional[int] = None  # iteration this run last saved
+        self.last_checkpoint: Optional[str] = None  # "iteration N in DIR": the newest loaded or saved
+        self._stop_reason: list = []
         params = [p for p in model.parameters() if p.requires_grad]
         self.grad_sync = DataParallelGradSync(params, group=ps.get_data_parallel_group()) if self.dp > 1 else None
         self.forward_backward = get_forward_backward_func()
@@ -99,7 +132,8 @@ class Trainer:
             lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
             adam_eps=args.adam_eps, clip_grad=args.clip_grad, fp16=args.fp16, loss_scale=args.loss_scale,
             initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
-            loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis))
+            loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
+            check_for_nan=self.check_nan))
         self.lr_cfg = LRScheduleConfig(args.lr, args.min_lr, args.lr_decay_style, *schedule_lengths(
             global_batch_size=self.G, seq_length=self.s, train_samples=run.decay_default_samples,
             warmup_iters=args.lr_warmup_iters, warmup_samples=args.lr_warmup_samples,
@@ -113,8 +147,8 @@ class Trainer:
 
     # ---- schedule ---------------------------------------------------------------------------------
     def lr_for_next_iteration(self) -> float:
-        progress = progress_samples(self.state.consumed_train_samples, self.state.consumed_layer_tokens,
-                                    self.num_layers, self.s, self.args.layer_token_lr_schedule)
+        progress = progress_samples(self.sched_samples, self.sched_layer_tokens, self.num_layers, self.s,
+                                    self.args.layer_token_lr_schedule)
         return lr_at(self.lr_cfg, progress)
 
     # ---- checkpoints ------------------------------------------------------------------------------
@@ -133,7 +167,8 @@ class Trainer:
                                     "lr_warmup_steps": self.lr_cfg.warmup_samples,
                                     "lr_decay_steps": self.lr_cfg.decay_samples,
                                     "lr_decay_style": self.lr_cfg.decay_style,
-                                    "num_steps": self.state.consumed_train_samples},
+                                    "num_steps": self.sched_samples,
+                                    "num_layer_tokens": self.sched_layer_tokens},
             "rng_state": rng,
             "train_state": self.state.state_dict(),
             "consumed_train_samples": self.state.consumed_train_samples,
@@ -148,55 +183,70 @@ class Trainer:
         print_rank_0(f"saving checkpoint at iteration {it:7d} to {self.args.save} in torch format")
         tp_rank, pp_rank = self._rank_file()
         checkpointing.save_checkpoint(self.args.save, it, self.checkpoint_state(), tp_rank, pp_rank,
-                                      writer=self.dp_rank == 0)
+                                      writer=self.dp_rank == 0, report=print_rank_0)
+        self.last_saved, self.last_checkpoint = it, f"iteration {it} in {self.args.save}"
         print_rank_0(f"  successfully saved checkpoint at iteration {it:7d} to {self.args.save} "
                      f"[ t {time.perf_counter() - t0:.2f}s ]")
 
     def load(self) -> None:
-        tp_rank, pp_rank = self._rank_file()
-        tracker = checkpointing.read_tracker(self.args.load)
-        if tracker is None:
-            print_rank_0(f"WARNING: no checkpoint found at {self.args.load}; training from scratch")
+        """Resume from --load: the tracker's iteration, or with --load-fallback the newest loadable one."""
+        root, tp_rank, pp_rank = self.args.load, *self._rank_file()
+        for name in checkpointing.incomplete_saves(root):
+            print_rank_0(f"WARNING: ignoring {os.path.join(root, name)}: a save that was interrupted (never loaded; "
+                         "the next save into this folder removes it)")
+        chosen = checkpointing.select_checkpoint(root, tp_rank, pp_rank, getattr(self.args, "load_fallback", False),
+                                                 before_load=self._check_layout, report=print_rank_0)
+        if chosen is None:
+            print_rank_0(f"WARNING: no checkpoint found at {root}; training from scratch")
             return
-        saved_layout = self._saved_layout(tracker)
-        here = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
-        if saved_layout != here:
-            raise UserError(f"checkpoint in {self.args.load} was saved with tensor x pipeline parallel "
-                            f"{saved_layout[0]} x {saved_layout[1]}, this run uses {here[0]} x {here[1]}; "
-                            "convert it with tools/checkpoint_util.py or launch the same layout")
-        ckpt = checkpointing.load_checkpoint(self.args.load, tracker, tp_rank, pp_rank)
-        saved = ckpt.get("args", {})
-        for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "position_embedding_type",
-                    "normalization", "swiglu", "untie_embeddings_and_output_weights", "padded_vocab_size"):
-            if key in saved and saved[key] != getattr(self.args, key, None):
-                raise UserError(f"checkpoint in {self.args.load} has {key}={saved[key]!r} but this run has "
-                                f"{getattr(self.args, key, None)!r}; use matching model flags")
+        iteration, ckpt = chosen
+        self._check_model_flags(ckpt.get("args") or {}, iteration)
+        if not isinstance(ckpt.get("model"), dict):
+            raise UserError(f"checkpoint iteration {iteration} in {root} holds no model state dict")
         try:
             self.model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as e:
-            raise UserError(f"checkpoint in {self.args.load} does not fit this model: {str(e).splitlines()[0]}")
+            raise UserError(f"checkpoint in {root} does not fit this model: {str(e).splitlines()[0]}")
         if self.args.finetune:
-            print_rank_0(f" loaded weights from {self.args.load} at iteration {ckpt['iteration']} (finetune: "
+            print_rank_0(f" loaded weights from {root} at iteration {iteration} (finetune: "
                          "iteration, optimizer and counters reset)")
             return
         self.state.load_state_dict(ckpt["train_state"])
+        sched = ckpt.get("opt_param_scheduler") or {}
+        self.sched_samples = int(sched.get("num_steps", self.state.consumed_train_samples))
+        self.sched_layer_tokens = int(sched.get("num_layer_tokens", self.state.consumed_layer_tokens))
         if not self.args.no_load_optim:
             if "optimizer" not in ckpt:
-                raise UserError(f"checkpoint in {self.args.load} has no optimizer state (a converted checkpoint?); "
+                raise UserError(f"checkpoint in {root} has no optimizer state (a converted checkpoint?); "
                                 "add --no-load-optim --no-load-rng, or --finetune")
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if not self.args.no_load_rng:
             if "rng_state" not in ckpt:
-                raise UserError(f"checkpoint in {self.args.load} has no RNG state; add --no-load-rng")
+                raise UserError(f"checkpoint in {root} has no RNG state; add --no-load-rng")
             rng = ckpt["rng_state"]
             checkpointing.set_rng_state(rng)
             if "tracker" in rng:
                 get_rng_tracker().set_states(rng["tracker"])
-        print_rank_0(f"  successfully loaded checkpoint from {self.args.load} at iteration {self.state.iteration}")
+        self.last_checkpoint = f"iteration {self.state.iteration} in {root}"
+        print_rank_0(f"  successfully loaded checkpoint from {root} at iteration {self.state.iteration}")
 
-    def _saved_layout(self, iteration: int):
-        layout = checkpointing.saved_layout(self.args.load, iteration)
-        return layout or (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    def _check_layout(self, iteration: int) -> None:
+        saved = checkpointing.saved_layout(self.args.load, iteration)
+        here = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if saved is not None and saved != here:
+            raise UserError(f"checkpoint iteration {iteration} in {self.args.load} was saved with tensor x pipeline "
+                            f"parallel {saved[0]} x {saved[1]}, this run uses {here[0]} x {here[1]}; convert it "
+                            "with tools/checkpoint_util.py or launch the same layout")
+
+    def _check_model_flags(self, saved: dict, iteration: int) -> None:
+        """Every model flag that differs, in one line (not only the first)."""
+        differ = [(k, saved[k], getattr(self.args, k)) for k in MODEL_FLAGS
+                  if k in saved and hasattr(self.args, k) and saved[k] != getattr(self.args, k)]
+        if differ:
+            text = "; ".join(f"{k if k.endswith('vocab_size') else '--' + k.replace('_', '-')} {a!r} in the "
+                             f"checkpoint, {b!r} here" for k, a, b in differ)
+            raise UserError(f"checkpoint iteration {iteration} in {self.args.load} has another model: {text}; "
+                            "use the checkpoint's model flags")
 
     # ---- steps ------------------------------------------------------------------------------------
     def _step_forward(self, data_iterator, model):
@@ -240,21 +290,20 @@ class Trainer:
             grad_sync=self.grad_sync)
         self._sync_tied_embeddings()
         result = self.optimizer.step()
-        loss = _mean_over_dp([m["lm loss"] for m in metrics])
-        return (None if loss is None else float(loss)), result, keep
+        return _mean_metrics(metrics), result, keep
 
     @torch.no_grad()
-    def evaluate(self, dataset, consumed: int) -> Optional[float]:
-        """Mean loss over --eval-iters global batches, full sequence (no token dropping); last stage only."""
+    def evaluate(self, dataset, consumed: int) -> dict:
+        """Mean metrics ({"lm loss": ...}) over --eval-iters global batches, full sequence (no token
+        dropping); {} off the last stage."""
         self.model.eval()
         it = _loader(dataset, consumed, self.mbs, self.args.seed, 0)
         values = []
         for _ in range(self.args.eval_iters):
             metrics = self.forward_backward(self._step_forward, self._micro_batches(it, 0, None), self.model,
                                             self.num_micro, self.tensor_shape, torch.float32, forward_only=True)
-            values += [m["lm loss"] for m in metrics]
-        loss = _mean_over_dp(values)
-        return None if loss is None else float(loss)
+            values += metrics
+        return _mean_metrics(values)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -262,45 +311,89 @@ class Trainer:
         if args.load:
             self.load()
         train_iters = self.run.train_iters
-        data_iter = _loader(self.train_ds, st.consumed_train_samples, self.mbs, args.seed, args.num_workers)
+        if self._stop_requested([], deadline=False)[0]:  # signalled while starting up: nothing new to save
+            print_rank_0(f" exiting before training: {self._stop_reason[0]}")
+            return st
+        data_iter = _loader(self.train_ds, st.consumed_train_samples, self.mbs, args.seed, args.num_workers,
+                            ignore_stop_signals if self.signals is not None else None)
         print_rank_0(f" training for {train_iters} iterations ({self.run.describe()}) on {self.device}"
                      f"{self._layout()}")
-        interval = {"time": 0.0, "iters": 0, "loss": 0.0}
+        interval = {"time": 0.0, "iters": 0, "losses": {}}
+        stop = False
         while st.iteration < train_iters and not self.run.budget_reached(st.consumed_layer_tokens):
             t = st.iteration
             lr = self.lr_for_next_iteration()
             self.optimizer.set_lr(lr)
             t0 = time.perf_counter()
-            loss, result, keep = self.train_step(data_iter, t)
+            losses, result, keep = self.train_step(data_iter, t)
             dt = time.perf_counter() - t0
             st.iteration += 1
             st.consumed_train_samples += self.G
             st.consumed_layer_tokens += self.run.curve.at(t)
+            if not result.skipped:  # Megatron's scheduler steps only after a successful update
+                self.sched_samples += self.G
+                self.sched_layer_tokens += self.run.curve.at(t)
             st.skipped_iterations += int(result.skipped)
-            st.nan_iterations += int(loss is not None and not math.isfinite(loss))
+            bad_loss = not all(math.isfinite(v) for v in losses.values())
+            st.nan_iterations += int(bad_loss)
             interval["time"] += dt
             interval["iters"] += 1
-            interval["loss"] += loss if loss is not None else 0.0
+            for name, value in losses.items():
+                interval["losses"][name] = interval["losses"].get(name, 0.0) + value
+            stop, bad_loss = self._stop_requested([self.check_nan and bad_loss])
+            if bad_loss or result.nonfinite:
+                self._log(interval, lr, keep, result)
+                self._fault(losses, result)
             if st.iteration % args.log_interval == 0:
                 self._log(interval, lr, keep, result)
-                interval = {"time": 0.0, "iters": 0, "loss": 0.0}
+                interval = {"time": 0.0, "iters": 0, "losses": {}}
             if self.valid_ds is not None and args.eval_iters > 0 and st.iteration % args.eval_interval == 0:
                 self._validate()
             if args.save and args.save_interval and st.iteration % args.save_interval == 0:
                 self.save()
             if args.exit_interval and st.iteration % args.exit_interval == 0:
-                print_rank_0(f" exiting at iteration {st.iteration} (--exit-interval)")
+                stop, self._stop_reason = True, ["--exit-interval"]
+            if stop:
                 break
-        if args.save and (not args.save_interval or st.iteration % args.save_interval):
+        if args.save and self.last_saved != st.iteration:
             self.save()
-        if args.eval_iters > 0:
+        if stop:  # Megatron's early exits skip the end-of-training evaluation
+            print_rank_0(f" exiting at iteration {st.iteration}: {self._stop_reason[0]}")
+        elif args.eval_iters > 0:
             if self.valid_ds is not None and st.iteration % args.eval_interval:
                 self._validate()
             if self.test_ds is not None:
-                loss = self.evaluate(self.test_ds, 0)
-                self.logger.validation(st.iteration, st.consumed_train_samples, loss, name="test")
+                self._report_eval(self.evaluate(self.test_ds, 0), "test")
         self.logger.close()
         return st
+
+    def _stop_requested(self, extra: list, deadline: bool = True) -> list:
+        """[stop, *extra], each agreed by all ranks in one all-reduce: stop when any rank was signalled or
+        ran past --exit-duration-in-mins; `extra` are further flags to agree on (an inf/NaN loss)."""
+        signalled = self.signals is not None and self.signals.received is not None
+        flags = any_rank([signalled, deadline and self.deadline.passed(), *extra])
+        reasons = []
+        if flags[0]:
+            reasons.append(f"received {self.signals.name} (--exit-signal-handler)" if signalled else
+                           "another rank received a stop signal (--exit-signal-handler)")
+        if flags[1]:
+            reasons.append(f"ran {self.deadline.minutes:g} minutes (--exit-duration-in-mins)")
+        self._stop_reason = reasons
+        return [bool(reasons)] + flags[2:]
+
+    def _fault(self, losses: dict, result) -> None:
+        """Stop on an inf/NaN that loss scaling cannot absorb, before anything is saved."""
+        it, precision = self.state.iteration, "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
+        if result.nonfinite:
+            what = f"the gradient norm is {result.grad_norm} ({precision}); the update was not applied"
+        else:
+            shown = ", ".join(f"{k} {v}" for k, v in losses.items()) or "the loss on another rank"
+            what = f"the loss is not finite ({shown}, {precision})"
+        resume = (f"the last checkpoint is {self.last_checkpoint}: resume from it with --load (perhaps with a "
+                  "lower --lr)" if self.last_checkpoint else "there is no checkpoint to resume from (try a lower --lr)")
+        self.logger.close()
+        raise NumericalFault(f"iteration {it}: {what}; nothing was saved and {resume}; "
+                             "--no-check-for-nan-in-loss-and-grad turns this check off")
 
     def _layout(self) -> str:
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
@@ -310,9 +403,15 @@ class Trainer:
 
     def _validate(self) -> None:
         st = self.state
-        loss = self.evaluate(self.valid_ds, st.consumed_valid_samples)
+        losses = self.evaluate(self.valid_ds, st.consumed_valid_samples)
         st.consumed_valid_samples += self.args.eval_iters * self.G
-        self.logger.validation(st.iteration, st.consumed_train_samples, loss)
+        self._report_eval(losses, "validation")
+
+    def _report_eval(self, losses: dict, name: str) -> None:
+        """The "lm loss" block and `{val,test}_loss/_ppl`; other metrics (BERT's "sop loss", ...) beside."""
+        others = {k: v for k, v in losses.items() if k != "lm loss"}
+        self.logger.validation(self.state.iteration, self.state.consumed_train_samples, losses.get("lm loss"),
+                               name=name, metrics=others)
 
     def _log(self, interval: dict, lr: float, keep: int, result) -> None:
         if not self.logger.enabled:
@@ -325,7 +424,8 @@ class Trainer:
             "consumed_tokens": st.consumed_train_samples * self.s,
             "elapsed_ms_per_iteration": elapsed_ms,
             "tokens_per_sec": self.G * self.s / (elapsed_ms / 1000.0),
-            "lr": lr, "global_batch_size": self.G, "lm_loss": interval["loss"] / n,
+            "lr": lr, "global_batch_size": self.G,
+            **{k.replace(" ", "_"): v / n for k, v in interval["losses"].items()},  # lm_loss, sop_loss, ...
             "ltd_seq_length": keep,  # r_t, or s when random-LTD is off
             "consumed_layer_tokens": st.consumed_layer_tokens,
             "layer_token_saving": theoretical_saving(st.consumed_layer_tokens, self.num_layers, self.s,
@@ -333,7 +433,7 @@ class Trainer:
             "loss_scale": result.loss_scale, "grad_norm": result.grad_norm,
             "skipped_iterations": st.skipped_iterations, "nan_iterations": st.nan_iterations,
         }
-        self.logger.train(m)
+        self.logger.train(m, metric_names=tuple(interval["losses"]))
 
 
 def pretrain(args, model_provider, datasets_provider, forward_step: ForwardStep) -> TrainState:
@@ -342,7 +442,18 @@ def pretrain(args, model_provider, datasets_provider, forward_step: ForwardStep)
     `model_provider(args, pre_process, post_process, layer_offset, num_local_layers)` builds this pipeline
     stage; `datasets_provider(args, (train, valid, test) sample counts)` the datasets.
     """
+    deadline = Deadline(getattr(args, "exit_duration_in_mins", None))
     ps.init_distributed(args.distributed_backend)
+    checkpointing.check_save_dir(args.save)
+    signals = SignalRecorder().install() if getattr(args, "exit_signal_handler", False) else None
+    try:
+        return _pretrain(args, model_provider, datasets_provider, forward_step, signals, deadline)
+    finally:
+        if signals is not None:
+            signals.restore()
+
+
+def _pretrain(args, model_provider, datasets_provider, forward_step, signals, deadline) -> TrainState:
     world = dist.get_world_size() if dist.is_initialized() else 1
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     dp = ps.check_parallel_sizes(world, tp, pp)
@@ -365,4 +476,7 @@ def pretrain(args, model_provider, datasets_provider, forward_step: ForwardStep)
                  f"({ps.get_tensor_model_parallel_rank()}, {stage}): {n_params}")
     run = resolve_run_length(args, args.num_layers)
     datasets = datasets_provider(args, run.num_samples(args.eval_interval, args.eval_iters))
-    return Trainer(args, model, datasets, forward_step, args.num_layers, run).train()
+    if signals is not None and not args.save:
+        print_rank_0("WARNING: --exit-signal-handler without --save: a signal stops the run cleanly, but "
+                     "nothing is saved")
+    return Trainer(args, model, datasets, forward_step, args.num_layers, run, signals, deadline).train()

@@ -106,7 +106,7 @@ ERROR_CASES = {
     "missing key": (["--json-keys", "body"], r"line 1 has no key 'body'", None),
     "tokenizer file": (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "nope.json", "--merge-file", "m.txt"],
                        "--vocab-file", None),
-    "split sentences": (["--split-sentences"], "--split-sentences .* not supported", None),
+    "keep newlines alone": (["--keep-newlines"], "--keep-newlines only applies with --split-sentences", None),
     "bad id in a worker": (["--workers", "2"], r"line 4: NullTokenizer id 5000", None),
 }
 

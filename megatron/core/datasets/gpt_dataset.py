@@ -30,12 +30,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron.core.datasets.indexed import IndexedDataset
+from megatron.core.datasets.indexed import IndexedDataset, check_token_ids
 from megatron.core.errors import UserError
 
 SPLIT_NAMES = ("train", "valid", "test")
 _SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
-_BLEND_SURPLUS = 0.005  # each blended part builds 0.5% more samples than its share (Megatron's margin)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,7 +512,7 @@ def build_gpt_datasets(config: GPTDatasetConfig, num_samples: Sequence[Optional[
     split is a BlendedDataset over one GPTDataset per prefix, each built with ceil(ceil(n * w) * 1.005)
     samples; with unweighted prefixes the parts are one epoch each and weighted by their sizes.
     """
-    from megatron.core.datasets.blended import BlendedDataset  # blended.py imports this module
+    from megatron.core.datasets.blended import build_blended_splits  # blended.py imports this module
 
     sizes = list(num_samples)
     assert len(sizes) == 3, "num_samples is (train, valid, test)"
@@ -521,41 +520,12 @@ def build_gpt_datasets(config: GPTDatasetConfig, num_samples: Sequence[Optional[
         return tuple(_build_splits(config, None, MockIndexedDataset.for_config(config), sizes))
     prefixes, weights = config.blend
     indexed = [IndexedDataset(p) for p in prefixes]  # a missing or broken file fails before any work
+    for x in indexed:  # ids beyond the vocabulary, found at start-up (one cached scan per file version)
+        check_token_ids(x, config.vocab_size, config.cache_dir)
     if len(prefixes) == 1 and weights is None:
         return tuple(_build_splits(config, prefixes[0], indexed[0], sizes))
-
-    if weights is not None:
-        weights = (np.array(weights, dtype=np.float64) / np.sum(weights)).tolist()
-        for size in sizes:
-            assert size is not None, "a weighted blend needs a sample count per split"
-        targets = [[math.ceil(size * w) for size in sizes] for w in weights]  # [prefix][split]
-        buffers = [[math.ceil(t * (1 + _BLEND_SURPLUS)) for t in row] for row in targets]
-        parts = [_build_splits(config, p, x, b) for p, x, b in zip(prefixes, indexed, buffers)]
-    else:
-        one_epoch = [None if size else 0 for size in sizes]
-        parts = [_build_splits(config, p, x, one_epoch) for p, x in zip(prefixes, indexed)]
-
-    out = []
-    for i, size in enumerate(sizes):
-        if config.split_matrix[i] is None or size == 0:
-            out.append(None)
-            continue
-        datasets = [part[i] for part in parts]
-        if any(d is None for d in datasets):
-            empty = prefixes[[d is None for d in datasets].index(True)]
-            raise UserError(
-                f"the {SPLIT_NAMES[i]} split of {empty} is empty; give it more data or set that "
-                "split's --split weight to 0"
-            )
-        if weights is not None:
-            w, n = weights, sum(row[i] for row in targets)
-        else:
-            w = [len(d) for d in datasets]
-            if 0 in w:
-                raise UserError(
-                    f"the {SPLIT_NAMES[i]} split of {prefixes[w.index(0)]} is shorter than one sample of "
-                    f"{config.seq_length + 1} tokens; give it more data or change --split"
-                )
-            n = None if size is None else min(size, sum(w))
-        out.append(BlendedDataset(datasets, w, n, config.cache_dir, SPLIT_NAMES[i]))
-    return tuple(out)
+    return build_blended_splits(
+        prefixes, weights, sizes, config.split_matrix,
+        lambda k, part_sizes: _build_splits(config, prefixes[k], indexed[k], part_sizes),
+        config.cache_dir, f"shorter than one sample of {config.seq_length + 1} tokens",
+    )

@@ -28,10 +28,13 @@ Worked example (2 documents of 3 and 5 tokens, uint16): P.bin is 16 bytes, P.idx
 """
 
 import array
+import contextlib
 import enum
+import hashlib
+import json
 import os
 import struct
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -253,10 +256,11 @@ class IndexedDataset:
         if n_seq:
             need_bin = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * itemsize
         bin_size = os.path.getsize(bpath)
-        if bin_size < need_bin:
+        if bin_size != need_bin:  # the .bin is exactly the tokens the index points at, nothing more
             raise UserError(
-                f"{bpath} is shorter than {ipath} says ({bin_size} bytes, need {need_bin}); the two "
-                "files come from different runs or a copy was cut short: copy or regenerate both"
+                f"{bpath} is {'shorter' if bin_size < need_bin else 'longer'} than {ipath} says ({bin_size} "
+                f"bytes, {ipath} describes {need_bin}); the two files come from different runs or a copy was "
+                "cut short: copy or regenerate both"
             )
         # numpy cannot map an empty file; an empty dataset reads from an empty buffer instead.
         self._bin = np.memmap(bpath, mode="r") if bin_size else np.zeros(0, np.uint8)
@@ -299,3 +303,95 @@ class IndexedDataset:
     @staticmethod
     def exists(prefix: str) -> bool:
         return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+# -- start-up check: token ids within the vocabulary --------------------------------------------------
+# A full scan of a large .bin costs one sequential read (seconds per GB), too slow to repeat at every
+# start. It runs once per file version: (min, max) is cached as JSON in the dataset index cache, keyed
+# by the size, mtime and inode of both files, so a rewritten or replaced file is scanned again. Ranks
+# that start together take a lock on the cache folder, so one scans and the others read its result.
+_SCAN_CHUNK = 1 << 26  # tokens per numpy reduction
+
+
+def _file_key(prefix: str) -> list:
+    return [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (os.stat(idx_path(prefix)), os.stat(bin_path(prefix)))]
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Optional[str]):
+    """flock on the folder itself; where the file system cannot lock, every process scans for itself."""
+    fd = None
+    try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY)
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except (OSError, ImportError):
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _read_cached(path: Optional[str], key: list) -> Optional[Tuple[int, int]]:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return (int(d["min"]), int(d["max"])) if d.get("key") == key else None
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+
+
+def scan_token_range(ds: IndexedDataset) -> Tuple[int, int]:
+    """(min, max) token id of the whole .bin; (0, -1) when it holds no tokens."""
+    tokens = np.frombuffer(ds._bin, ds.dtype, count=len(ds._bin) // ds.dtype.itemsize)
+    lo, hi = 0, -1
+    for start in range(0, tokens.size, _SCAN_CHUNK):
+        chunk = tokens[start : start + _SCAN_CHUNK]
+        hi = max(hi, int(chunk.max()))
+        if ds.dtype.kind != "u":
+            lo = min(lo, int(chunk.min()))
+    return lo, hi
+
+
+def token_range(ds: IndexedDataset, cache_dir: Optional[str]) -> Tuple[int, int]:
+    """scan_token_range, cached in `cache_dir` (None: scan every time)."""
+    name = hashlib.md5(os.path.abspath(ds.prefix).encode("utf-8")).hexdigest() + "-token_range.json"
+    path = os.path.join(cache_dir, name) if cache_dir else None
+    key = _file_key(ds.prefix)
+    found = _read_cached(path, key) if path else None
+    if found:
+        return found
+    with _folder_lock(cache_dir):
+        found = _read_cached(path, key) if path else None  # another rank may have scanned meanwhile
+        if found:
+            return found
+        lo, hi = scan_token_range(ds)
+        if path:
+            try:
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"prefix": os.path.abspath(ds.prefix), "key": key, "min": lo, "max": hi}, f)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # an unwritable cache only costs a scan next time
+    return lo, hi
+
+
+def check_token_ids(ds: IndexedDataset, vocab_size: Optional[int], cache_dir: Optional[str]) -> None:
+    """UserError at start-up when any token id of `ds` lies outside [0, vocab_size)."""
+    if vocab_size is None:
+        return
+    if ds.dtype.kind == "u" and np.iinfo(ds.dtype).max < vocab_size:
+        return  # every id the dtype can hold is in the vocabulary
+    lo, hi = token_range(ds, cache_dir)
+    if lo < 0 or hi >= vocab_size:
+        raise UserError(
+            f"token id {hi if hi >= vocab_size else lo} in {bin_path(ds.prefix)} is outside this tokenizer's vocab "
+            f"of {vocab_size}: the data was probably preprocessed with another tokenizer; re-run "
+            "tools/preprocess_data.py with the tokenizer flags of this run"
+        )

@@ -28,7 +28,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
 def full_init(name: str, shape, std: float, num_layers: int, seed: int) -> torch.Tensor:
     """The full-size initial value of the parameter with this global name."""
     if len(shape) == 1:
-        return torch.ones(shape) if name.endswith("layernorm.weight") else torch.zeros(shape)
+        # norm weights (`input_layernorm`, BERT's `lm_head.layer_norm`) start at one, biases at zero
+        return torch.ones(shape) if name.endswith(("layernorm.weight", "layer_norm.weight")) else torch.zeros(shape)
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         std = std / math.sqrt(2.0 * num_layers)
     return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))

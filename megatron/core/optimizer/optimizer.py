@@ -4,8 +4,14 @@
 update the loss scale, skip the step on overflow, clip by the global L2 norm over the model-parallel
 group, step. Data-parallel gradients are already averaged when it runs, so all DP replicas agree. It
 returns what the log line needs.
+
+Without a loss scaler (bf16, fp32) an inf/NaN gradient is a fault, not an overflow to retry: with
+`check_for_nan` the step is not applied and the result says `nonfinite`, so the trainer can stop before
+the weights or a checkpoint are corrupted. The global norm it tests is already summed over the
+model-parallel group, so every rank reaches the same verdict at no extra cost.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +37,7 @@ class OptimizerConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
+    check_for_nan: bool = False  # without a scaler: refuse to step on an inf/NaN gradient norm
 
 
 @dataclass
@@ -38,6 +45,7 @@ class StepResult:
     grad_norm: float  # before clipping; nan when the step was skipped
     skipped: bool
     loss_scale: float
+    nonfinite: bool = False  # no scaler, check_for_nan, and an inf/NaN gradient: the step was not applied
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
@@ -86,6 +94,8 @@ class Optimizer:
             if found_inf:
                 return StepResult(float("nan"), True, self.loss_scale)
         norm = clip_grad_norm(self.params, self.config.clip_grad, group)
+        if self.scaler is None and self.config.check_for_nan and not math.isfinite(norm):
+            return StepResult(norm, True, self.loss_scale, nonfinite=True)
         self.adam.step()
         return StepResult(norm, False, self.loss_scale)
 

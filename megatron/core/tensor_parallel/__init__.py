@@ -9,7 +9,7 @@ Layout: activations are batch-first `[b, s, h]`; tensor parallelism splits the l
     random.py         RNG tracker: per-rank streams for partitioned activations
 """
 
-from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_top1_correct
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear,
 )
@@ -28,7 +28,7 @@ __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "column_parallel_linear",
     "copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
     "scatter_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region",
-    "vocab_parallel_cross_entropy",
+    "vocab_parallel_cross_entropy", "vocab_parallel_top1_correct",
     "RNGStatesTracker", "get_rng_tracker", "get_cuda_rng_tracker", "model_parallel_manual_seed",
     "MODEL_PARALLEL_RNG",
     "shard_tensor", "merge_shards", "full_shape", "divide", "set_tensor_model_parallel_attributes",

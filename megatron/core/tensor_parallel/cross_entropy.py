@@ -65,3 +65,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-token loss, fp32: logits [..., V/tp] (this rank's vocabulary shard), target [...] global ids -> [...]."""
     return _VocabParallelCrossEntropy.apply(logits.float(), target)
+
+
+@torch.no_grad()
+def vocab_parallel_top1_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Whether the target has the largest logit, from vocab-sharded logits [..., V/tp] -> bool [...].
+
+    For accuracy metrics without gathering the logits: two all-reduces of [...] tensors (row max, target
+    logit). A tie with the target counts as correct.
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group()
+    v_local = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * v_local
+    row_max = logits.max(dim=-1).values.float()  # [...]
+    foreign = (target < start) | (target >= start + v_local)  # [...]
+    local_target = (target - start).masked_fill(foreign, 0)  # [...]
+    target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float().masked_fill(foreign, 0.0)
+    if tp > 1:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(target_logit, group=group)
+    return target_logit >= row_max  # [...]

@@ -4,6 +4,8 @@
 - `SentencePieceTokenizer --tokenizer-model tokenizer.model`: EOD the model's eos id.
 - `HuggingFaceTokenizer --tokenizer-model tokenizer.json` (or its folder): EOD `<|endoftext|>`, `</s>`, ...
 - `NullTokenizer --vocab-size N`: ids as text; EOD `N`, vocab_size `N + 1`.
+- `BertWordPieceLowerCase` / `BertWordPieceCase --vocab-file vocab.txt`: BERT's WordPiece; `cls`, `sep`,
+  `mask`, `pad`, `inv_vocab`; EOD `[EOS]` (appended to the vocab with `[BOS]` when missing, as Megatron).
 
 See docs/tokenizers.md. The argparse helpers live here rather than in `megatron.training` because
 `tools/preprocess_data.py` needs the same flags without the trainer.
@@ -41,6 +43,9 @@ def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
     if t == "NullTokenizer":
         from megatron.core.tokenizer.null import NullTokenizer
         return NullTokenizer(config.vocab_size)
+    if t in ("BertWordPieceLowerCase", "BertWordPieceCase"):
+        from megatron.core.tokenizer.wordpiece import BertWordPieceTokenizer
+        return BertWordPieceTokenizer(config.vocab_file, lower_case=t == "BertWordPieceLowerCase")
     raise AssertionError(f"TokenizerConfig let through unknown type {t!r}")
 
 
@@ -50,7 +55,7 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--tokenizer-type", type=str, default=None, choices=TOKENIZER_TYPES,
                    help="Which tokenizer to use.")
     g.add_argument("--vocab-file", type=str, default=None,
-                   help="GPT2BPETokenizer: path to vocab.json.")
+                   help="GPT2BPETokenizer: path to vocab.json; BertWordPiece*: path to vocab.txt.")
     g.add_argument("--merge-file", type=str, default=None,
                    help="GPT2BPETokenizer: path to merges.txt.")
     g.add_argument("--tokenizer-model", type=str, default=None,

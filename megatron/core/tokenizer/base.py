@@ -16,6 +16,8 @@ TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
     "HuggingFaceTokenizer",
     "NullTokenizer",
+    "BertWordPieceLowerCase",
+    "BertWordPieceCase",
 )
 
 # The flag each type cannot do without, with what to pass; checked once, in `TokenizerConfig`.
@@ -25,6 +27,8 @@ _REQUIRED = {
     "SentencePieceTokenizer": (("tokenizer_model", "--tokenizer-model", "a SentencePiece .model file"),),
     "HuggingFaceTokenizer": (("tokenizer_model", "--tokenizer-model", "a tokenizer.json or its folder"),),
     "NullTokenizer": (("vocab_size", "--vocab-size", "the number of ordinary ids N (EOD becomes N)"),),
+    "BertWordPieceLowerCase": (("vocab_file", "--vocab-file", "a BERT WordPiece vocab.txt"),),
+    "BertWordPieceCase": (("vocab_file", "--vocab-file", "a BERT WordPiece vocab.txt"),),
 }
 
 
@@ -33,7 +37,7 @@ class TokenizerConfig:
     """Megatron's tokenizer flags, as plain data. Validated here so every entry point fails the same way."""
 
     tokenizer_type: str
-    vocab_file: Optional[str] = None  # GPT2BPETokenizer: vocab.json
+    vocab_file: Optional[str] = None  # GPT2BPETokenizer: vocab.json; BertWordPiece*: vocab.txt
     merge_file: Optional[str] = None  # GPT2BPETokenizer: merges.txt
     tokenizer_model: Optional[str] = None  # SentencePiece .model, or HF tokenizer.json / folder
     vocab_size: Optional[int] = None  # NullTokenizer only
@@ -69,11 +73,16 @@ class Tokenizer(ABC):
 
     Every id a tokenizer can return, EOD included, is in `range(vocab_size)`. Subclasses set
     `_vocab_size` and `_eod` (and `_pad` when they have their own padding token) in `__init__`.
+    BERT's special tokens `cls`, `sep`, `mask` are optional: only WordPiece vocabs have them (`_cls`,
+    `_sep`, `_mask`), and asking another tokenizer for one is a UserError naming the fix.
     """
 
     _vocab_size: int
     _eod: int
     _pad: Optional[int] = None
+    _cls: Optional[int] = None
+    _sep: Optional[int] = None
+    _mask: Optional[int] = None
 
     @property
     def vocab_size(self) -> int:
@@ -88,6 +97,28 @@ class Tokenizer(ABC):
     def pad(self) -> int:
         """Padding id; the EOD id unless the tokenizer has its own."""
         return self._eod if self._pad is None else self._pad
+
+    @property
+    def cls(self) -> int:
+        """`[CLS]`, the first token of a BERT sample."""
+        return self._special(self._cls, "[CLS]")
+
+    @property
+    def sep(self) -> int:
+        """`[SEP]`, closing each segment of a BERT sample."""
+        return self._special(self._sep, "[SEP]")
+
+    @property
+    def mask(self) -> int:
+        """`[MASK]`, what masked-LM replaces most chosen tokens with."""
+        return self._special(self._mask, "[MASK]")
+
+    def _special(self, token_id: Optional[int], name: str) -> int:
+        if token_id is None:
+            raise UserError(f"tokenizer {type(self).__name__} has no {name} token; BERT needs a WordPiece "
+                            "vocab (--tokenizer-type BertWordPieceLowerCase or BertWordPieceCase "
+                            "--vocab-file vocab.txt)")
+        return token_id
 
     @abstractmethod
     def tokenize(self, text: str) -> List[int]:

@@ -54,7 +54,13 @@ class SelfAttention(nn.Module):
         dropout = cfg.attention_dropout if self.training else 0.0
         mask, causal = None, cfg.causal
         if padding_mask is not None:
-            mask = ~padding_mask[:, None, None, :]  # [b, 1, 1, n], True = may attend
+            # A sample whose n keys are all padding (random-LTD can keep only the padding of a short
+            # sample) would softmax over nothing: NaN in older torch releases (newer kernels return
+            # zeros or, with cuDNN, other finite values), and a NaN spreads to the whole batch. Let it
+            # attend to all of them instead: its queries are then all padding too, whose outputs nothing
+            # reads.
+            attend = ~padding_mask | padding_mask.all(dim=-1, keepdim=True)  # [b, n]
+            mask = attend[:, None, None, :]  # [b, 1, 1, n], True = may attend
             if causal:
                 mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [b, 1, n, n]
             causal = False

@@ -287,7 +287,7 @@ def test_flag_errors_name_the_flag(tmp_path):
     with pytest.raises(UserError, match="--vocab-size must be a positive integer"):
         _parse(["--tokenizer-type", "NullTokenizer", "--vocab-size", "0"])
     with pytest.raises(UserError, match="is not supported"):
-        TokenizerConfig("BertWordPieceLowerCase")
+        TokenizerConfig("TikTokenizer")
     with pytest.raises(SystemExit):  # argparse's own error for a bad choice
         _parse(["--tokenizer-type", "Nope"])
     config = _parse(["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tmp_path / "v.json"),

@@ -1,0 +1,336 @@
+"""Communication volume per GPU per iteration of the 1.3B random-LTD recipe, computed (not measured).
+
+For each (tp, pp, dp) layout on 64 GPUs, what one GPU sends in one iteration (one optimizer step over a
+global batch of G samples), by component, dense and with random-LTD at r = 128 (the schedule's start)
+and at r = mean r over the whole run. Everything follows from the code paths:
+
+    component   where                                   payload per iteration, one GPU of stage k
+    DP grads    distributed/ddp.py, bucketed all-reduce P_k * 4 bytes (fp32 grads of this rank's shard)
+                over the DP group, once per step
+    TP          row-parallel proj and fc2: reduce_from   per micro-batch and layer on n tokens:
+                (all-reduce forward, bf16 under           2 * b*n*h * 2 bytes forward (bf16 GEMM output)
+                autocast); column-parallel QKV and fc1:   + 2 * b*n*h * 4 bytes backward (fp32, see below)
+                copy_to (all-reduce of the input grad     n = s in dense layers, r in LTD layers
+                in backward, fp32)                        first stage: + b*s*h*4 (vocab-parallel embedding)
+                                                          last stage:  + b*s*h*4 (LM head input grad)
+                                                                       + 3 * b*s*4 (vocab-parallel CE)
+    PP p2p      pipeline_parallel/p2p.py, 1F1B          per micro-batch and stage boundary: the [b, s, h]
+                                                        fp32 activation forward, its grad backward
+    tied emb    trainer._sync_tied_embeddings, pp > 1   (V/tp) * h * 4 bytes on the first and last stage
+
+Bytes sent per GPU: a ring all-reduce over n ranks sends 2(n-1)/n x the payload (so nothing at n = 1;
+the tied-embedding group has 2 ranks: 1 x); p2p sends what it sends (a middle stage talks to two
+neighbours, the first and last stage to one). Micro-batches per DP rank: M = G / (b * dp).
+
+Why the backward TP all-reduces are fp32: `--bf16` is torch.autocast with fp32 parameters. The residual
+stream and the norms' outputs stay fp32; autocast casts the GEMM input to bf16 inside the linear, and the
+gradient of that cast is fp32 again, so `copy_to`'s backward all-reduces an fp32 [b, n, h]. The forward
+all-reduce sits on the GEMM output, which is bf16. (Megatron with `--bf16` keeps bf16 parameters and
+moves 2 bytes in both directions.) `--precision fp32` counts 4 bytes both ways. `--check` confirms all
+of this on a tiny model by counting the collectives a real 8-rank gloo run issues.
+
+Left out: 0-dim all-reduces (DP loss average, the model-parallel grad-norm and found-inf reductions),
+evaluation, checkpoint barriers. Parameters: learned absolute positions (replicated across TP, first
+stage), LayerNorm with bias, linear biases, ffn = 4h, tied embeddings (the last stage's copy of the word
+embeddings is a parameter there, so it is also in that stage's DP all-reduce). The padded vocabulary
+depends on tp (a multiple of 128 * tp): 50304 at tp 1, 50432 at tp 2, 50688 at tp 4.
+
+The mean r is the mean of r_t over every iteration of the run: MSLG 128 -> 2048 in steps of 16 over
+200k iterations, then r = s until the 4800B layer-token stop (`LayerTokenCurve.iterations_to_reach`).
+TP traffic is linear in r, so TP volume at the mean r is the run's mean TP volume per iteration.
+
+Tables show the mean over all GPUs (total traffic / world size) per component, and the busiest GPU's
+total; `--json` adds every stage's breakdown. GB = 1e9 bytes.
+
+    python bench/comm_volume.py                # markdown tables
+    python bench/comm_volume.py --json         # the same numbers, per stage, as JSON
+    python bench/comm_volume.py --check        # tiny 8-rank gloo runs (2x2x2, 1x4x2): counted vs model (~40 s)
+"""
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, replace
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+LAYOUTS = [(1, 1, 64), (2, 1, 32), (4, 1, 16), (1, 2, 32), (2, 2, 16), (2, 4, 8)]
+COMPONENTS = ("dp_grads", "tp", "pp_p2p", "tied_emb")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The recipe (examples/gpt_1.3b_common.sh + pretrain_gpt_1.3b_ltd.sh), or a tiny one for --check."""
+
+    num_layers: int = 24
+    hidden: int = 2048
+    heads: int = 16
+    seq: int = 2048
+    global_batch: int = 512
+    micro_batch: int = 4
+    vocab: int = 50257  # GPT-2 BPE; padded per tp
+    divisible_by: int = 128
+    ltd_layers: tuple[int, ...] = tuple(range(1, 23))  # default: every layer but the first and last
+    ltd_start: int = 128
+    ltd_step: int = 16
+    ltd_ramp_iters: int = 200_000
+    train_layer_tokens: int = 4800 * 10**9
+    fwd_bytes: int = 2  # forward TP all-reduce: bf16 GEMM output under autocast
+    bwd_bytes: int = 4  # backward TP all-reduce: fp32 input grad
+
+    @property
+    def ffn(self) -> int:
+        return 4 * self.hidden
+
+
+def padded_vocab(m: ModelShape, tp: int) -> int:
+    from megatron.core.tokenizer import vocab_size_with_padding
+
+    return vocab_size_with_padding(m.vocab, m.divisible_by, tp)
+
+
+def ring(n: int) -> float:
+    """Bytes a rank sends in a ring all-reduce over n ranks, per byte of payload."""
+    return 2.0 * (n - 1) / n
+
+
+def stage_params(m: ModelShape, tp: int, pp: int, k: int) -> int:
+    """Parameters held by one GPU of pipeline stage k (its TP shard)."""
+    h, f = m.hidden, m.ffn
+    layer = ((3 * h * h + 3 * h) // tp  # QKV weight and bias: column-parallel
+             + h * h // tp + h  # proj: row-parallel weight, replicated bias
+             + (f * h + f) // tp  # fc1: column-parallel
+             + h * f // tp + h  # fc2: row-parallel weight, replicated bias
+             + 4 * h)  # two LayerNorms (weight, bias), replicated
+    n = layer * (m.num_layers // pp)
+    v = padded_vocab(m, tp) // tp * h
+    if k == 0:
+        n += v + m.seq * h  # word embeddings (vocab-parallel) + learned positions (replicated)
+    if k == pp - 1:
+        n += 2 * h  # final LayerNorm
+        if pp > 1:
+            n += v  # the last stage's copy of the tied word embeddings
+    return n
+
+
+def stage_volume(m: ModelShape, tp: int, pp: int, dp: int, k: int, keep: int) -> dict[str, dict]:
+    """{component: {"payload": bytes handed to collectives, "sent": bytes this GPU sends}} for stage k."""
+    b, s, h = m.micro_batch, m.seq, m.hidden
+    assert m.global_batch % (b * dp) == 0 and m.num_layers % pp == 0
+    M = m.global_batch // (b * dp)
+    per = m.num_layers // pp
+    out = {}
+    grads = stage_params(m, tp, pp, k) * 4 if dp > 1 else 0
+    out["dp_grads"] = {"payload": grads, "sent": grads * ring(dp)}
+    tp_payload = 0
+    if tp > 1:
+        for layer in range(k * per, (k + 1) * per):
+            n = keep if (layer in m.ltd_layers and keep < s) else s
+            tp_payload += M * 2 * b * n * h * (m.fwd_bytes + m.bwd_bytes)
+        if k == 0:
+            tp_payload += M * b * s * h * 4  # vocab-parallel embedding output (fp32)
+        if k == pp - 1:
+            tp_payload += M * (b * s * h * 4 + 3 * b * s * 4)  # LM head input grad; CE max/target/sum-exp
+    out["tp"] = {"payload": tp_payload, "sent": tp_payload * ring(tp)}
+    neighbours = (k > 0) + (k < pp - 1)
+    p2p = M * b * s * h * 4 * neighbours
+    out["pp_p2p"] = {"payload": p2p, "sent": p2p}
+    tied = padded_vocab(m, tp) // tp * h * 4 if pp > 1 and k in (0, pp - 1) else 0
+    out["tied_emb"] = {"payload": tied, "sent": tied * ring(2)}
+    return out
+
+
+def layout_volume(m: ModelShape, tp: int, pp: int, dp: int, keep: int) -> dict:
+    stages = [stage_volume(m, tp, pp, dp, k, keep) for k in range(pp)]
+    mean = {c: sum(st[c]["sent"] for st in stages) / pp for c in COMPONENTS}  # every stage has tp*dp GPUs
+    totals = [sum(st[c]["sent"] for c in COMPONENTS) for st in stages]
+    busiest = max(range(pp), key=lambda k: totals[k])
+    return {"keep": keep, "mean_per_gpu_sent": mean, "mean_total": sum(mean.values()),
+            "busiest_stage": busiest, "busiest_total": totals[busiest],
+            "stages": [{"stage": k, **{c: st[c] for c in COMPONENTS}, "total_sent": totals[k]}
+                       for k, st in enumerate(stages)]}
+
+
+def mean_keep(m: ModelShape) -> dict:
+    """Iterations of the run and the mean r over them (exact integer sums of the MSLG staircase)."""
+    from megatron.core.random_ltd import LayerTokenCurve, MSLGSchedule
+
+    sched = MSLGSchedule(m.seq, m.ltd_start, m.ltd_step, m.ltd_ramp_iters)
+    curve = LayerTokenCurve(m.num_layers, m.seq, m.global_batch, len(m.ltd_layers), sched)
+    iters = curve.iterations_to_reach(m.train_layer_tokens)
+    total_r = sched.sum_seq_lengths(iters)
+    ramp = m.ltd_ramp_iters
+    return {"iterations": iters, "mean_r": total_r / iters, "full_length_iteration": sched.full_length_iteration(),
+            "mean_r_during_ramp": sched.sum_seq_lengths(ramp) / ramp}
+
+
+def compute(m: ModelShape) -> dict:
+    mk = mean_keep(m)
+    keeps = {"dense": m.seq, "ltd_r_start": m.ltd_start, "ltd_r_mean": mk["mean_r"]}
+    rows = []
+    for tp, pp, dp in LAYOUTS:
+        row = {"tp": tp, "pp": pp, "dp": dp, "micro_batches_per_rank": m.global_batch // (m.micro_batch * dp),
+               "padded_vocab": padded_vocab(m, tp)}
+        for name, keep in keeps.items():
+            row[name] = layout_volume(m, tp, pp, dp, keep)
+        rows.append(row)
+    return {"model": {**asdict(m), "ltd_layers": f"{m.ltd_layers[0]}-{m.ltd_layers[-1]}"}, "schedule": mk,
+            "keeps": keeps, "layouts": rows, "units": "bytes sent per GPU per iteration"}
+
+
+def markdown(result: dict) -> str:
+    gb = 1e9
+    mk = result["schedule"]
+    lines = [
+        (f"Mean r over the run: {mk['mean_r']:.1f} ({mk['iterations']:,} iterations; r reaches s at iteration "
+         f"{mk['full_length_iteration']:,}; mean over the 200k-iteration ramp alone {mk['mean_r_during_ramp']:.1f})."),
+        "",
+        "GB sent per GPU per iteration, mean over the 64 GPUs. DP grads, PP p2p and tied emb do not depend on r.",
+        "",
+        ("| tp | pp | dp | M | DP grads | PP p2p | tied emb | TP dense | TP r=128 | TP r̄ | total dense | "
+         "total r=128 | total r̄ | busiest GPU dense / r=128 / r̄ |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["layouts"]:
+        d, a, r = row["dense"], row["ltd_r_start"], row["ltd_r_mean"]
+        md = d["mean_per_gpu_sent"]
+
+        def busy(v, pp=row["pp"]):
+            return f"{v['busiest_total'] / gb:.2f}" + (f" (stage {v['busiest_stage']})" if pp > 1 else "")
+
+        lines.append(
+            f"| {row['tp']} | {row['pp']} | {row['dp']} | {row['micro_batches_per_rank']} "
+            f"| {md['dp_grads'] / gb:.2f} | {md['pp_p2p'] / gb:.2f} | {md['tied_emb'] / gb:.2f} "
+            f"| {md['tp'] / gb:.2f} | {a['mean_per_gpu_sent']['tp'] / gb:.2f} | {r['mean_per_gpu_sent']['tp'] / gb:.2f} "
+            f"| {d['mean_total'] / gb:.2f} | {a['mean_total'] / gb:.2f} | {r['mean_total'] / gb:.2f} "
+            f"| {busy(d)} / {busy(a)} / {busy(r)} |")
+    return "\n".join(lines)
+
+
+# ---- --check: count the collectives of a real run and compare ------------------------------------------
+
+TINY = ModelShape(num_layers=4, hidden=64, heads=4, seq=64, global_batch=16, micro_batch=2, vocab=1000,
+                  ltd_layers=(1, 2), ltd_start=32, ltd_step=16, ltd_ramp_iters=10**8, train_layer_tokens=0)
+CHECK_ITERS = 3
+
+
+def _count_worker(out_dir: str, argv: list[str]) -> None:
+    """Runs on each torchrun rank: wrap the collectives, run pretrain_gpt_ltd.py, dump the counts."""
+    import runpy
+
+    import torch.distributed as dist
+
+    from megatron.core import parallel_state as ps
+
+    counts = collections.Counter()
+
+    def kind(group):
+        for name, g in (("tp", ps.get_tensor_model_parallel_group()), ("dp_grads", ps.get_data_parallel_group()),
+                        ("tied_emb", ps.get_embedding_group()), ("mp", ps.get_model_parallel_group())):
+            if g is not None and group is g:
+                return name
+        return "other"
+
+    real_all_reduce, real_batch = dist.all_reduce, dist.batch_isend_irecv
+
+    def all_reduce(tensor, *args, group=None, **kwargs):
+        if tensor.dim() > 0:  # 0-dim: loss average, grad norm, found-inf (left out of the model)
+            counts[kind(group)] += tensor.numel() * tensor.element_size()
+        return real_all_reduce(tensor, *args, group=group, **kwargs)
+
+    def batch_isend_irecv(ops):
+        for op in ops:
+            if op.op is dist.isend:
+                counts["pp_p2p"] += op.tensor.numel() * op.tensor.element_size()
+        return real_batch(ops)
+
+    dist.all_reduce, dist.batch_isend_irecv = all_reduce, batch_isend_irecv
+    sys.argv = [os.path.join(REPO, "pretrain_gpt_ltd.py")] + argv
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump({"pp_rank": ps.get_pipeline_model_parallel_rank(), "counts": dict(counts)}, f)
+
+
+CHECK_LAYOUTS = [(2, 2, 2), (1, 4, 2)]  # 8 ranks each: TP + first/last stage, and middle stages
+
+
+def check(precision: str) -> bool:
+    return all(check_layout(precision, *layout) for layout in CHECK_LAYOUTS)  # stops at the first failure
+
+
+def check_layout(precision: str, tp: int, pp: int, dp: int) -> bool:
+    m = TINY if precision == "bf16" else replace(TINY, fwd_bytes=4)
+    argv = ["--num-layers", str(m.num_layers), "--hidden-size", str(m.hidden), "--num-attention-heads",
+            str(m.heads), "--seq-length", str(m.seq), "--micro-batch-size", str(m.micro_batch),
+            "--global-batch-size", str(m.global_batch), "--lr", "1e-4", "--train-iters", str(CHECK_ITERS),
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(m.vocab), "--mock-data",
+            "--num-workers", "0", "--log-interval", "1", "--eval-iters", "0", "--distributed-backend", "gloo",
+            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--random-ltd", "--random-ltd-start-seq-length", str(m.ltd_start), "--random-ltd-seq-step",
+            str(m.ltd_step), "--random-ltd-ramp-iters", str(m.ltd_ramp_iters),
+            "--random-ltd-layers", ",".join(map(str, m.ltd_layers))] + (["--bf16"] if precision == "bf16" else [])
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={tp * pp * dp}", os.path.abspath(__file__),
+               "--_count-worker", out, "--", *argv]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        if proc.returncode:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return False
+        ranks = []
+        for name in sorted(os.listdir(out)):
+            with open(os.path.join(out, name)) as f:
+                ranks.append(json.load(f))
+    ok, printed = True, set()
+    print(f"check: tiny GPT L={m.num_layers} h={m.hidden} s={m.seq} b={m.micro_batch} G={m.global_batch} "
+          f"r={m.ltd_start} in layers {m.ltd_layers}, tp x pp x dp = {tp} x {pp} x {dp}, {precision}, "
+          f"{CHECK_ITERS} iterations; payload bytes per iteration, counted / model")
+    for r in sorted(ranks, key=lambda x: x["pp_rank"]):
+        model = stage_volume(m, tp, pp, dp, r["pp_rank"], m.ltd_start)
+        cells = []
+        for c in COMPONENTS:
+            counted = r["counts"].get(c, 0) / CHECK_ITERS
+            want = model[c]["payload"]
+            ok &= counted == want
+            cells.append(f"{c} {counted:,.0f} / {want:,}")
+        extra = {k: v for k, v in r["counts"].items() if k not in COMPONENTS}
+        ok &= not extra
+        line = f"  stage {r['pp_rank']}: " + ", ".join(cells) + (f"  UNMODELLED {extra}" if extra else "")
+        if line not in printed:  # the tp * dp ranks of a stage normally agree: print each line once
+            print(line)
+            printed.add(line)
+    print("check: " + ("counted collectives equal the model" if ok else "MISMATCH"))
+    return ok
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--_count-worker":
+        _count_worker(sys.argv[2], sys.argv[4:] if sys.argv[3] == "--" else sys.argv[3:])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print JSON (every stage's breakdown) instead of tables")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16: autocast as in the recipe (TP forward 2 bytes, backward 4); fp32: 4 and 4")
+    p.add_argument("--check", action="store_true",
+                   help="count the collectives of tiny 8-rank gloo runs and compare them with the model")
+    args = p.parse_args()
+    if args.check:
+        return 0 if check(args.precision) else 1
+    m = ModelShape() if args.precision == "bf16" else ModelShape(fwd_bytes=4)
+    result = compute(m)
+    print(json.dumps(result, indent=1) if args.json else markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""BERT's flags, added to the shared parser by the BERT entry point (`pretrain_bert_ltd.py`).
+
+Kept apart from `arguments.py` so GPT's `--help` stays GPT's. Names follow Megatron-LM where it has the
+flag (`--bert-no-binary-head`, `--mask-prob`, `--short-seq-prob`); the two masking knobs Megatron only
+has as dataset-config fields get flags here (`--masking-max-ngram`, `--no-whole-word-masking`).
+"""
+
+import argparse
+
+from megatron.core.errors import UserError
+from megatron.training.arguments import build_parser, parse_args
+
+
+def add_bert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("BERT")
+    g.add_argument("--bert-no-binary-head", action="store_false", dest="bert_binary_head",
+                   help="no sentence-order prediction (SOP) head, pooler or token types; MLM loss only")
+    g.add_argument("--mask-prob", type=float, default=0.15, help="fraction of tokens to predict (MLM)")
+    g.add_argument("--short-seq-prob", type=float, default=0.1,
+                   help="probability of a sample with a random shorter target length")
+    g.add_argument("--masking-max-ngram", type=int, default=3, help="longest masked n-gram span")
+    g.add_argument("--no-whole-word-masking", action="store_false", dest="whole_word_masking",
+                   help="mask word pieces independently instead of whole words")
+    return parser
+
+
+def validate_bert_args(args: argparse.Namespace) -> None:
+    if not 0.0 < args.mask_prob < 1.0:
+        raise UserError(f"--mask-prob must be in (0, 1), got {args.mask_prob}")
+    if not 0.0 <= args.short_seq_prob <= 1.0:
+        raise UserError(f"--short-seq-prob must be in [0, 1], got {args.short_seq_prob}")
+    if args.masking_max_ngram < 1:
+        raise UserError(f"--masking-max-ngram must be >= 1, got {args.masking_max_ngram}")
+    if args.mock_data:
+        raise UserError("--mock-data is GPT-only; BERT needs sentence-split data: pass --data-path PREFIX "
+                        "(tools/preprocess_data.py --split-sentences)")
+    if args.reset_position_ids or args.eod_mask_loss:
+        raise UserError("--reset-position-ids and --eod-mask-loss are GPT-only flags; drop them for BERT")
+
+
+def parse_bert_args(argv=None) -> argparse.Namespace:
+    parser = add_bert_args(build_parser("Pretrain a BERT model with random-LTD"))
+    args = parse_args(argv, parser)
+    validate_bert_args(args)
+    return args
