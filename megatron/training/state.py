@@ -15,6 +15,7 @@ class TrainState:
     consumed_layer_tokens: int = 0
     skipped_iterations: int = 0
     nan_iterations: int = 0
+    train_time_ms: int = 0  # wall-clock of the training steps alone (no evaluation, no saving)
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -328,6 +328,7 @@ class Trainer:
             losses, result, keep = self.train_step(data_iter, t)
             dt = time.perf_counter() - t0
             st.iteration += 1
+            st.train_time_ms += round(dt * 1000)
             st.consumed_train_samples += self.G
             st.consumed_layer_tokens += self.run.curve.at(t)
             if not result.skipped:  # Megatron's scheduler steps only after a successful update
@@ -410,8 +411,11 @@ class Trainer:
     def _report_eval(self, losses: dict, name: str) -> None:
         """The "lm loss" block and `{val,test}_loss/_ppl`; other metrics (BERT's "sop loss", ...) beside."""
         others = {k: v for k, v in losses.items() if k != "lm loss"}
-        self.logger.validation(self.state.iteration, self.state.consumed_train_samples, losses.get("lm loss"),
-                               name=name, metrics=others)
+        st = self.state
+        where = {"consumed_tokens": st.consumed_train_samples * self.s, "consumed_layer_tokens": st.consumed_layer_tokens,
+                 "train_time_s": st.train_time_ms / 1000}  # so a curve can be drawn against any of them
+        self.logger.validation(st.iteration, st.consumed_train_samples, losses.get("lm loss"), name=name,
+                               extra=where, metrics=others)
 
     def _log(self, interval: dict, lr: float, keep: int, result) -> None:
         if not self.logger.enabled:
@@ -432,6 +436,7 @@ class Trainer:
                                                      st.consumed_train_samples),
             "loss_scale": result.loss_scale, "grad_norm": result.grad_norm,
             "skipped_iterations": st.skipped_iterations, "nan_iterations": st.nan_iterations,
+            "train_time_s": st.train_time_ms / 1000,
         }
         self.logger.train(m, metric_names=tuple(interval["losses"]))
 
