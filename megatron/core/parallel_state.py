@@ -1,7 +1,9 @@
 """Where this process runs and whom it talks to: backend, device, and the tp/pp/dp process groups.
 
-Nothing else in the project names a device: gloo means CPU, NCCL means `cuda:LOCAL_RANK`. Without an
-explicit choice NCCL is picked when CUDA is present, else gloo.
+Nothing else in the project names a device: gloo means CPU, NCCL means `cuda:LOCAL_RANK`. A process
+group that already exists (a test launcher's, or one a caller set up) decides: its backend is taken and the
+device follows from it. Otherwise `--distributed-backend` decides, and without it NCCL is picked when CUDA is
+present, else gloo.
 
 Rank layout is Megatron's (context and expert parallelism are 1 here), tensor-parallel fastest:
 
@@ -47,16 +49,37 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -> torch.device:
-    """Join the process group torchrun set up (RANK/WORLD_SIZE/MASTER_ADDR in the environment).
+def existing_backend() -> Optional[str]:
+    """The backend of the process group that already exists, as one of BACKENDS; None when there is none.
 
-    A plain process (no WORLD_SIZE, or 1) joins nothing. Returns this rank's device.
+    A mixed group (`cpu:gloo,cuda:nccl`) counts as NCCL: its GPU tensors go through NCCL."""
+    if not dist.is_initialized():
+        return None
+    name = str(dist.get_backend()).lower()
+    for backend in ("nccl", "gloo"):
+        if backend in name:
+            return backend
+    raise UserError(f"the existing process group uses the {name!r} backend; this project supports {BACKENDS}")
+
+
+def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 10) -> torch.device:
+    """Join the process group torchrun set up (RANK/WORLD_SIZE/MASTER_ADDR in the environment), or the one
+    that already exists. Returns this rank's device.
+
+    An existing group's backend wins over the default: a launcher that made a gloo group on a machine with
+    CUDA must not get `cuda:LOCAL_RANK` (gloo ranks would then try to move GPU tensors, or four ranks would
+    share one GPU). An explicit `backend` that disagrees with the existing group is a UserError. A plain
+    process (no WORLD_SIZE, or 1, and no group) joins nothing.
     """
-    backend = backend or default_backend()
+    existing = existing_backend()
+    if existing is not None and backend is not None and backend != existing:
+        raise UserError(f"--distributed-backend {backend}, but this process already joined a {existing} process "
+                        f"group; drop the flag or pass --distributed-backend {existing}")
+    backend = existing or backend or default_backend()
     device = device_for_backend(backend)
-    if world_size_from_env() > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if existing is None and world_size_from_env() > 1:
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     _state.device = device
     return device

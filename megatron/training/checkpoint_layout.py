@@ -5,11 +5,16 @@ and a resumed run may use another TP/PP. This module merges the shards into the 
 (global layer numbers, whole tensors) and splits it again, so every layout goes through the same
 unsharded form and any layout converts to any other.
 
-How each parameter is split is a property of its name (the table below), checked against the model's
+How each parameter is split is a property of its name (the tables below), checked against the model's
 shape from the saved `args`: an unknown name is refused rather than guessed, because taking rank 0's
 copy of a tensor that is really sharded would silently produce a wrong model. Replicated tensors are
 taken from TP rank 0 (training keeps the copies equal). With tied embeddings and PP > 1 the last stage's
 `output_layer.weight` is a copy of the word embeddings: dropped on merge, re-made on split.
+
+GPT and BERT (`model_type: bert` in the saved args) share the layer names; BERT's block is `encoder`
+instead of `decoder`, and it adds the token-type embeddings (first stage) and, on the last stage, the MLM
+head (`lm_head.*`, replicated), the vocab-parallel `output_layer.bias`, and with the binary (SOP) head the
+replicated `pooler.*` and `binary_head.*` (megatron/core/models/bert.py).
 
 The padded vocabulary depends on TP (a multiple of `--make-vocab-size-divisible-by` x TP), so a run at
 the target TP expects another number of embedding rows than the source holds. When the tokenizer's size
@@ -23,7 +28,6 @@ layout. Resume a converted checkpoint with `--no-load-optim --no-load-rng`, or u
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -32,7 +36,9 @@ import torch
 from megatron.core.errors import UserError
 from megatron.core.tensor_parallel.sharding import merge_shards, shard_tensor  # stride-aware, shared with the model
 from megatron.core.tokenizer import TokenizerConfig, build_tokenizer, vocab_size_with_padding
-from megatron.training.checkpointing import TRACKER, checkpoint_dir, checkpoint_file, read_tracker, torch_load
+from megatron.training.checkpointing import (
+    TRACKER, checkpoint_dir, checkpoint_file, committed_dir, read_tracker, torch_load, write_checkpoint_files,
+)
 
 Rank = Tuple[int, int]  # (tensor-parallel rank, pipeline stage)
 
@@ -41,21 +47,37 @@ Rank = Tuple[int, int]  # (tensor-parallel rank, pipeline stage)
 KEPT_KEYS = ("args", "iteration", "checkpoint_version", "model", "train_state", "consumed_train_samples",
              "consumed_valid_samples", "opt_param_scheduler", "random_ltd")
 # args that must agree between the rank files of one checkpoint
-SHAPE_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "swiglu",
+SHAPE_ARGS = ("model_type", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "swiglu",
               "untie_embeddings_and_output_weights", "padded_vocab_size", "tensor_model_parallel_size",
-              "pipeline_model_parallel_size")
+              "pipeline_model_parallel_size", "bert_binary_head")
 RESUME_HINT = "continue training from it with --no-load-optim --no-load-rng, or --finetune"
 
 REPLICATED = None
 FC1 = "fc1"  # dim 0, stride 2 ([gate; up]) with SwiGLU, else stride 1
-# name (per-layer names without the `decoder.layers.{i}.` prefix) -> partition dim (None = replicated)
+# name (per-layer names without the `decoder.layers.{i}.` / `encoder.layers.{i}.` prefix) -> partition dim
+# (None = replicated)
 TOP_LEVEL = {
     "embedding.word_embeddings.weight": 0,
     "embedding.position_embeddings.weight": REPLICATED,
     "decoder.final_layernorm.weight": REPLICATED,
     "decoder.final_layernorm.bias": REPLICATED,
     "output_layer.weight": 0,
+    # BERT
+    "embedding.tokentype_embeddings.weight": REPLICATED,
+    "encoder.final_layernorm.weight": REPLICATED,
+    "encoder.final_layernorm.bias": REPLICATED,
+    "lm_head.dense.weight": REPLICATED,
+    "lm_head.dense.bias": REPLICATED,
+    "lm_head.layer_norm.weight": REPLICATED,
+    "lm_head.layer_norm.bias": REPLICATED,
+    "output_layer.bias": 0,  # the MLM logits' bias, split with the vocabulary
+    "pooler.dense.weight": REPLICATED,
+    "pooler.dense.bias": REPLICATED,
+    "binary_head.weight": REPLICATED,
+    "binary_head.bias": REPLICATED,
 }
+LAST_STAGE_PREFIXES = ("decoder.final_layernorm.", "encoder.final_layernorm.", "output_layer.", "lm_head.",
+                       "pooler.", "binary_head.")
 PER_LAYER = {
     "input_layernorm.weight": REPLICATED,
     "input_layernorm.bias": REPLICATED,
@@ -70,7 +92,7 @@ PER_LAYER = {
     "mlp.linear_fc2.weight": 1,
     "mlp.linear_fc2.bias": REPLICATED,
 }
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LAYER_KEY = re.compile(r"^(?P<block>decoder|encoder)\.layers\.(?P<i>\d+)\.(?P<name>.+)$")
 
 
 # ---- model shape and names ----------------------------------------------------------------------------
@@ -85,6 +107,12 @@ class ModelShape:
     untied: bool
     padded_vocab_size: Optional[int] = None  # None: taken from the word embeddings
     max_position_embeddings: Optional[int] = None
+    bert: bool = False  # BERT: `encoder` block, token types, MLM head, output bias
+    binary_head: bool = False  # BERT with the pooler and the SOP head (and token types)
+
+    @property
+    def block(self) -> str:
+        return "encoder" if self.bert else "decoder"
 
     @classmethod
     def from_args(cls, args: dict) -> "ModelShape":
@@ -96,9 +124,11 @@ class ModelShape:
         if ffn is None:  # Megatron's default, as in TransformerConfig
             ffn = int(4 * h * 2 / 3 / 64) * 64 if swiglu else 4 * h
         vocab, max_pos = args.get("padded_vocab_size"), args.get("max_position_embeddings")
+        bert = args.get("model_type") == "bert"
         return cls(int(args["num_layers"]), h, int(args["num_attention_heads"]), int(ffn), swiglu,
                    bool(args.get("untie_embeddings_and_output_weights", False)),
-                   None if vocab is None else int(vocab), None if max_pos is None else int(max_pos))
+                   None if vocab is None else int(vocab), None if max_pos is None else int(max_pos),
+                   bert, bert and bool(args.get("bert_binary_head", True)))
 
     def full_shape(self, name: str) -> Tuple[Optional[int], ...]:
         """Unsharded shape of a top-level or per-layer name; None matches any size."""
@@ -111,13 +141,16 @@ class ModelShape:
             "self_attention.linear_proj.weight": (h, h),
             "mlp.linear_fc1.weight": (f1, h), "mlp.linear_fc1.bias": (f1,),
             "mlp.linear_fc2.weight": (h, f),
-        }.get(name, (h,))  # norms and the row-parallel biases
+            "embedding.tokentype_embeddings.weight": (2, h), "output_layer.bias": (V,),
+            "lm_head.dense.weight": (h, h), "pooler.dense.weight": (h, h),
+            "binary_head.weight": (2, h), "binary_head.bias": (2,),
+        }.get(name, (h,))  # norms, the row-parallel biases, the heads' h-sized biases
 
 
 def partition_spec(key: str, swiglu: bool) -> Optional[Tuple[int, int]]:
     """(partition dim, stride) of a state-dict key, or None when every TP rank holds the whole tensor."""
     m = _LAYER_KEY.match(key)
-    table, name = (PER_LAYER, m.group(2)) if m else (TOP_LEVEL, key)
+    table, name = (PER_LAYER, m["name"]) if m else (TOP_LEVEL, key)
     if name not in table:
         raise UserError(f"unknown parameter {key!r} in the checkpoint; checkpoint_layout.py does not know how it "
                         "is split across tensor-parallel ranks")
@@ -141,7 +174,7 @@ def check_parallel_sizes(shape: ModelShape, tp: int, pp: int, what: str = "targe
 
 
 def expected_keys(shape: ModelShape, positions: bool, linear_bias: bool, norm_bias: bool) -> List[str]:
-    """The unsharded model's keys, in the order the model registers them."""
+    """The unsharded model's keys, in the order the model registers them (GPTModel, BertModel)."""
     def norm(prefix):
         return [f"{prefix}.weight"] + ([f"{prefix}.bias"] if norm_bias else [])
 
@@ -149,18 +182,25 @@ def expected_keys(shape: ModelShape, positions: bool, linear_bias: bool, norm_bi
         return [f"{prefix}.weight"] + ([f"{prefix}.bias"] if linear_bias else [])
 
     keys = ["embedding.word_embeddings.weight"] + (["embedding.position_embeddings.weight"] if positions else [])
+    keys += ["embedding.tokentype_embeddings.weight"] if shape.binary_head else []
     for i in range(shape.num_layers):
-        p = f"decoder.layers.{i}."
+        p = f"{shape.block}.layers.{i}."
         keys += norm(p + "input_layernorm") + linear(p + "self_attention.linear_qkv")
         keys += linear(p + "self_attention.linear_proj") + norm(p + "pre_mlp_layernorm")
         keys += linear(p + "mlp.linear_fc1") + linear(p + "mlp.linear_fc2")
-    keys += norm("decoder.final_layernorm") + (["output_layer.weight"] if shape.untied else [])
+    keys += norm(f"{shape.block}.final_layernorm")
+    if shape.bert:  # the MLM head's transform is an nn.Linear (always a bias) and a norm
+        keys += ["lm_head.dense.weight", "lm_head.dense.bias"] + norm("lm_head.layer_norm")
+    keys += ["output_layer.weight"] if shape.untied else []
+    keys += ["output_layer.bias"] if shape.bert else []
+    if shape.binary_head:
+        keys += ["pooler.dense.weight", "pooler.dense.bias", "binary_head.weight", "binary_head.bias"]
     return keys
 
 
 def _name(key: str) -> str:
     m = _LAYER_KEY.match(key)
-    return m.group(2) if m else key
+    return m["name"] if m else key
 
 
 def validate_full_model(model: dict, shape: ModelShape) -> List[str]:
@@ -170,13 +210,14 @@ def validate_full_model(model: dict, shape: ModelShape) -> List[str]:
     if shape.padded_vocab_size is None:
         shape.padded_vocab_size = model["embedding.word_embeddings.weight"].shape[0]
     keys = expected_keys(shape, "embedding.position_embeddings.weight" in model,
-                         "decoder.layers.0.self_attention.linear_qkv.bias" in model,
-                         "decoder.final_layernorm.bias" in model)
+                         f"{shape.block}.layers.0.self_attention.linear_qkv.bias" in model,
+                         f"{shape.block}.final_layernorm.bias" in model)
     missing, extra = [k for k in keys if k not in model], sorted(set(model) - set(keys))
     if missing or extra:
         detail = (f"missing {missing[:3]}" if missing else "") + ("; " if missing and extra else "")
         detail += f"unexpected {extra[:3]}" if extra else ""
-        raise UserError(f"the model's parameters do not match its args ({shape.num_layers} layers, untied="
+        kind = ("BERT" + ("" if shape.binary_head else " without binary head")) if shape.bert else "GPT"
+        raise UserError(f"the model's parameters do not match its args ({kind}, {shape.num_layers} layers, untied="
                         f"{shape.untied}): {detail}")
     for key in keys:
         want, got = shape.full_shape(_name(key)), tuple(model[key].shape)
@@ -190,8 +231,10 @@ def _stage_key(key: str, stage: int, layers_per_stage: int) -> Optional[str]:
     """The key's name in stage `stage` (local layer number), or None when the stage does not hold it."""
     m = _LAYER_KEY.match(key)
     if m:
-        i = int(m.group(1))
-        return f"decoder.layers.{i - stage * layers_per_stage}.{m.group(2)}" if i // layers_per_stage == stage else None
+        i = int(m["i"])
+        if i // layers_per_stage != stage:
+            return None
+        return f"{m['block']}.layers.{i - stage * layers_per_stage}.{m['name']}"
     return key
 
 
@@ -206,9 +249,7 @@ def split_model(full: dict, shape: ModelShape, tp: int, pp: int) -> Dict[Rank, d
         for t in range(tp):
             sd = {}
             for key in keys:
-                if (key.startswith("embedding.") and not first) or (key.startswith("decoder.final") and not last):
-                    continue
-                if key == "output_layer.weight" and not last:
+                if (key.startswith("embedding.") and not first) or (key.startswith(LAST_STAGE_PREFIXES) and not last):
                     continue
                 local = _stage_key(key, p, per_stage)
                 if local is not None:
@@ -244,11 +285,11 @@ def merge_model(shards: Dict[Rank, dict], shape: ModelShape, tp: int, pp: int) -
             m = _LAYER_KEY.match(local)
             key = local
             if m:
-                i = int(m.group(1))
+                i = int(m["i"])
                 if i >= per_stage:
                     raise UserError(f"stage {p} holds {local}, but a stage of a {shape.num_layers}-layer model "
                                     f"with PP={pp} has {per_stage} layers")
-                key = f"decoder.layers.{i + p * per_stage}.{m.group(2)}"
+                key = f"{m['block']}.layers.{i + p * per_stage}.{m['name']}"
             if key in full:
                 raise UserError(f"{key} is held by more than one pipeline stage")
             parts = [shards[(t, p)][local] for t in range(tp)]
@@ -276,6 +317,11 @@ def rank_file(root: str, iteration: int, tp_rank: int, stage: int, pp: int) -> s
     return checkpoint_file(root, iteration, tp_rank, stage if pp > 1 else None)
 
 
+def _rank_relpath(tp_rank: int, stage: int, pp: int) -> str:
+    """`mp_rank_XX[_YYY]/model_optim_rng.pt`, relative to an iteration folder."""
+    return os.path.relpath(rank_file("", 0, tp_rank, stage, pp), checkpoint_dir("", 0))
+
+
 def _load(path: str) -> dict:
     """mmap when the file allows it (the optimizer states we drop are never read into memory); a pickled
     payload or a damaged file is a one-line UserError (checkpointing.torch_load)."""
@@ -292,16 +338,16 @@ def read_checkpoint(root: str, iteration: Optional[int] = None) -> ShardedCheckp
         iteration = read_tracker(root)
         if iteration is None:
             raise UserError(f"no checkpoint in {root}: {TRACKER} is missing (pass --iteration N)")
-    folder = checkpoint_dir(root, iteration)
+    folder = committed_dir(root, iteration)  # iter_X, or iter_X.old if a save stopped between its renames
     if not os.path.isdir(folder):
-        raise UserError(f"checkpoint folder {folder} is missing")
+        raise UserError(f"checkpoint folder {checkpoint_dir(root, iteration)} is missing")
     names = [re.fullmatch(r"mp_rank_(\d{2})(?:_(\d{3}))?", n) for n in sorted(os.listdir(folder))]
     names = [m for m in names if m]
     if not names:
         raise UserError(f"{folder} holds no mp_rank_* folders")
     tp = max(int(m.group(1)) for m in names) + 1
     pp = max(int(m.group(2) or 0) for m in names) + 1
-    first = rank_file(root, iteration, 0, 0, pp)
+    first = os.path.join(folder, _rank_relpath(0, 0, pp))
     if not os.path.isfile(first):
         raise UserError(f"checkpoint file {first} is missing; the checkpoint at {root} is incomplete")
     files = {(0, 0): _load(first)}
@@ -314,13 +360,13 @@ def read_checkpoint(root: str, iteration: Optional[int] = None) -> ShardedCheckp
         raise UserError(f"{folder} holds rank folders {extra[:3]} beyond its args' layout TP={tp} PP={pp}")
     for p in range(pp):
         for t in range(tp):
-            path = rank_file(root, iteration, t, p, pp)
+            path = os.path.join(folder, _rank_relpath(t, p, pp))
             if not os.path.isfile(path):
                 raise UserError(f"checkpoint file {path} is missing (TP rank {t}, stage {p} of TP={tp} PP={pp})")
             if (t, p) not in files:
                 files[(t, p)] = _load(path)
     for rank, ckpt in files.items():
-        path = rank_file(root, iteration, *rank, pp)
+        path = os.path.join(folder, _rank_relpath(*rank, pp))
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
             raise UserError(f"{path} holds no model state dict")
         theirs = ckpt.get("args") or {}
@@ -349,7 +395,7 @@ def merge_checkpoint(sharded: ShardedCheckpoint) -> dict:
 
 def load_merged_checkpoint(root: str, iteration: Optional[int] = None) -> dict:
     """For evaluation and export: any training layout as one unsharded checkpoint dict (see
-    `merge_checkpoint`); `model` loads into a TP=1 PP=1 GPTModel."""
+    `merge_checkpoint`); `model` loads into a TP=1 PP=1 GPTModel (BertModel for a BERT checkpoint)."""
     return merge_checkpoint(read_checkpoint(root, iteration))
 
 
@@ -362,30 +408,17 @@ def split_checkpoint(ckpt: dict, tp: int, pp: int) -> Dict[Rank, dict]:
     return {rank: {**base, "model": model} for rank, model in models.items()}
 
 
-def write_checkpoint(root: str, iteration: int, files: Dict[Rank, dict], pp: int) -> None:
-    """Write all ranks' files under a temporary folder, rename it into place, then replace the tracker:
-    a failure leaves no partial iteration and the tracker never points at one."""
-    final = checkpoint_dir(root, iteration)
-    tmp = final + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for (t, p), payload in sorted(files.items()):
-            path = os.path.join(tmp, os.path.relpath(rank_file(root, iteration, t, p, pp), final))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(payload, path)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    tracker_tmp = os.path.join(root, TRACKER + f".tmp-{os.getpid()}")
-    with open(tracker_tmp, "w") as f:
-        f.write(str(iteration))
-    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+def write_checkpoint(root: str, iteration: int, files: Dict[Rank, dict], pp: int, report=print) -> None:
+    """Write every rank's file with the trainer's crash-safe protocol (`checkpointing.write_checkpoint_files`:
+    `iter_X.tmp/`, fsynced `.part` files, an existing `iter_X` kept as `.old` until the tracker, written
+    last, names the new one). A failure or a crash at any point leaves the previous checkpoint loadable."""
+    by_path = {_rank_relpath(t, p, pp): payload for (t, p), payload in sorted(files.items())}
+    write_checkpoint_files(root, iteration, by_path, report)
 
 
 # ---- vocabulary padding --------------------------------------------------------------------------------
-VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")  # [V, h]
+VOCAB_BIASES = ("output_layer.bias",)  # [V], BERT's MLM logits
 
 
 def tokenizer_vocab_size(args: dict) -> Optional[int]:
@@ -406,7 +439,7 @@ def repad_vocab(ckpt: dict, padded: int, true_vocab: int) -> dict:
     """An unsharded checkpoint with `padded` vocabulary rows: padding rows (>= `true_vocab`) are dropped or
     added as zeros; the tokenizer's rows are kept bit for bit."""
     model = dict(ckpt["model"])
-    for key in VOCAB_KEYS:
+    for key in VOCAB_KEYS + VOCAB_BIASES:
         if key in model:
             rows = model[key]
             if true_vocab > rows.shape[0]:

@@ -6,7 +6,7 @@ validation losses match the single-process run (up to floating-point reduction o
 TP=2 x PP=2 checkpoint, merged by the fine-tuning loader, equals the single-process checkpoint.
 """
 
-from tests.distributed.launcher import run_distributed
+from tests.distributed.launcher import GLOO, run_distributed
 from tests.functional import bert_cli
 
 BASE = bert_cli.TINY + bert_cli.LTD + [
@@ -26,7 +26,7 @@ def run_layout(argv, tp, pp, dp):
     if tp * pp * dp == 1:
         assert bert_cli.run_inprocess(argv) == 0
     else:
-        run_distributed(_train, world_size=tp * pp * dp, args=(argv,))  # forked: inherits the synthetic data
+        run_distributed(_train, world_size=tp * pp * dp, args=(argv + GLOO,))  # forked: inherits the synthetic data
 
 
 def close(a, b, rel=2e-5):

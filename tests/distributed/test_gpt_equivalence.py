@@ -2,12 +2,13 @@
 
 A tiny GPT, 10 iterations from the same seed, dropout off: per-iteration losses, grad norms and the
 final validation loss in TP=2, PP=2, DP=2 and TP=2 x PP=2 equal the single-process run (up to
-floating-point reduction order), with random-LTD on and off. Then resume in a sharded layout is exact.
+floating-point reduction order), with random-LTD on and off. Then resume is exact in TP=2 x PP=2 and in
+TP=2 x DP=2, with hidden and attention dropout on (so the RNG tracker's states must be restored).
 """
 
 import pytest
 
-from tests.distributed.launcher import run_distributed
+from tests.distributed.launcher import GLOO, run_distributed
 from tests.functional.gpt_cli import TINY, make_pattern_data, read_json_lines, run_inprocess, train_records
 
 LTD = ["--random-ltd", "--random-ltd-start-seq-length", "8", "--random-ltd-seq-step", "4",
@@ -23,7 +24,7 @@ def _train(rank, world, argv):
 
 def run_layout(argv, tp, pp, dp):
     world = tp * pp * dp
-    argv = argv + ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+    argv = argv + GLOO + ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     if world == 1:
         assert run_inprocess(argv) == 0
     else:
@@ -64,18 +65,25 @@ def test_layouts_match_single_process(tmp_path, data, ltd):
         assert ref_train[0]["ltd_seq_length"] == 8
 
 
-def test_resume_in_sharded_layout_is_exact(tmp_path, data):
-    argv = BASE + ["--data-path", data, "--hidden-dropout", "0.1", "--save-interval", "5"] + LTD
+@pytest.mark.parametrize("tp, pp, dp, folders", [
+    (2, 2, 1, ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]),
+    (2, 1, 2, ["mp_rank_00", "mp_rank_01"]),  # DP ranks share their (TP, PP) file
+], ids=["tp2pp2", "tp2dp2"])
+def test_resume_in_sharded_layout_is_exact(tmp_path, data, tp, pp, dp, folders):
+    """Stopped at iteration 5 and resumed, the run logs the straight run's losses bit for bit. Attention
+    dropout runs under the RNG tracker's per-TP-rank stream, so this needs its checkpointed state."""
+    argv = BASE + ["--data-path", data, "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+                   "--save-interval", "5"] + LTD
     straight, resumed = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    run_layout(argv + ["--save", str(tmp_path / "a"), "--log-json", str(straight)], 2, 2, 1)
-    run_layout(argv + ["--save", str(tmp_path / "b"), "--log-json", str(resumed), "--exit-interval", "5"], 2, 2, 1)
+    run_layout(argv + ["--save", str(tmp_path / "a"), "--log-json", str(straight)], tp, pp, dp)
+    run_layout(argv + ["--save", str(tmp_path / "b"), "--log-json", str(resumed), "--exit-interval", "5"], tp, pp, dp)
     run_layout(argv + ["--save", str(tmp_path / "b"), "--load", str(tmp_path / "b"), "--log-json", str(resumed)],
-               2, 2, 1)
+               tp, pp, dp)
     a, b = train_records(straight), train_records(resumed)
     assert [r["iteration"] for r in b] == list(range(1, 11))
     assert [r["lm_loss"] for r in a] == [r["lm_loss"] for r in b]
-    assert sorted(p.name for p in (tmp_path / "a" / "iter_0000010").iterdir()) == [
-        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    assert sorted(p.name for p in (tmp_path / "a" / "iter_0000010").iterdir()) == folders
 
 
 def test_merged_tp2_pp2_checkpoint_equals_single_process(tmp_path, data):

@@ -1,6 +1,7 @@
 """Process groups in Megatron's rank order, checked against the worked example in the reference."""
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
@@ -46,3 +47,45 @@ def test_single_process_defaults():
 def test_indivisible_world_size_is_a_user_error():
     with pytest.raises(UserError, match="not divisible"):
         ps.check_parallel_sizes(6, 4, 1)
+
+
+# --- which backend and device init_distributed picks ---------------------------------------------------
+
+@pytest.fixture
+def cuda_visible(monkeypatch):
+    """Pretend a GPU is visible; record instead of calling torch.cuda.set_device. Fresh parallel state."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(ps, "_state", ps._State())
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return calls
+
+
+def test_existing_gloo_group_wins_over_visible_cuda(cuda_visible):
+    """A launcher's gloo group on a CUDA machine: the CPU, not cuda:LOCAL_RANK (a real 1-rank gloo group)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert ps.init_distributed(None) == torch.device("cpu") == ps.get_device()
+        assert ps.init_distributed("gloo") == torch.device("cpu")
+        with pytest.raises(UserError, match="already joined a gloo process group"):
+            ps.init_distributed("nccl")
+        assert cuda_visible == []
+    finally:
+        dist.destroy_process_group()
+
+
+def test_without_a_group_cuda_means_nccl(cuda_visible):
+    assert ps.init_distributed(None) == torch.device("cuda", 1) == ps.get_device()
+    assert cuda_visible == [torch.device("cuda", 1)] and not dist.is_initialized()
+    assert ps.init_distributed("gloo") == torch.device("cpu")
+
+
+def test_existing_mixed_group_counts_as_nccl(cuda_visible, monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    assert ps.init_distributed(None) == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "mpi")
+    with pytest.raises(UserError, match="'mpi' backend"):
+        ps.init_distributed(None)

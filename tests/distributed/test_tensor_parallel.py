@@ -256,3 +256,63 @@ def _check_rng(rank, world, tp, pp):
 @pytest.mark.parametrize("world,tp,pp", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
 def test_rng_tracker(world, tp, pp):
     run_distributed(_check_rng, world, tp=tp, pp=pp, args=(tp, pp))
+
+
+def _check_model_rng(rank, world):
+    """Inside a TP=2 GPTModel with hidden and attention dropout 0.5: the hidden states after each layer
+    (dropout after the row-parallel all-reduce, replicated) are identical on both ranks, while each
+    rank's attention-probability dropout (its own heads, split) draws from its own stream, with masks
+    that differ between the ranks."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.config import TransformerConfig
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    model_parallel_manual_seed(1234)
+    tracker_start = get_rng_tracker().get_states()["model-parallel-rng"]
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=64,
+                               hidden_dropout=0.5, attention_dropout=0.5)
+    model = GPTModel(config)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))  # [b, s], same on all ranks
+
+    layer_out, calls, real_sdpa = [], [], F.scaled_dot_product_attention
+    for layer in model.decoder.layers:
+        layer.register_forward_hook(lambda mod, inp, out: layer_out.append(out.detach()))
+
+    def recording_sdpa(q, k, v, **kw):  # q, k, v: [b, nh/tp, s, hd], this rank's heads
+        state = torch.get_rng_state()  # the stream the dropout mask is drawn from
+        out = real_sdpa(q, k, v, **kw)
+        calls.append((q, k, v, kw, state, out))
+        return out
+
+    F.scaled_dot_product_attention = recording_sdpa
+    try:
+        with torch.no_grad():
+            model.train()
+            model(tokens)
+            dropped = list(layer_out)
+            layer_out.clear()
+            model.eval()
+            model(tokens)
+    finally:
+        F.scaled_dot_product_attention = real_sdpa
+    assert len(dropped) == 2 and len(calls) == 4 and all(c[3]["dropout_p"] == 0.5 for c in calls[:2])
+    for mine, plain in zip(dropped, layer_out):
+        assert not torch.equal(mine, plain)  # the hidden dropout did act
+        assert all(torch.equal(x, mine) for x in _all_gather(mine))  # and identically on both TP ranks
+    # Attention dropout: the first call draws from the documented per-rank stream, seed + 2718 + tp_rank ...
+    assert torch.equal(calls[0][4], tracker_start)
+    states = _all_gather(calls[0][4])
+    assert not torch.equal(states[0], states[1])
+    # ... and the mask is what differs: rank 0's own call replayed under its own state gives its output
+    # exactly, under rank 1's state (the same q, k, v) another output.
+    q, k, v, kw, _, out = calls[0]
+    default = torch.get_rng_state()
+    for r, state in enumerate(states):
+        torch.set_rng_state(state)
+        replay = real_sdpa(q, k, v, **kw)
+        assert torch.equal(replay, out) == (r == tp_rank), r
+    torch.set_rng_state(default)
+
+
+def test_dropout_in_the_tp_model_agrees_outside_and_differs_inside_split_regions():
+    run_distributed(_check_model_rng, 2, tp=2)
