@@ -8,10 +8,14 @@
 # The paper reports acc_norm for hellaswag, piqa, arc_*, openbookqa; f1 for record; acc elsewhere
 # (exact match for triviaqa and webqs). Its numbers came from lm-eval 0.2, whose prompts differ in places.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-CKPT=${1:?usage: bash examples/evaluate_zeroshot_gpt.sh CHECKPOINT_DIR [RESULTS_JSON]}
-OUT=${2:-$CKPT/zeroshot_results.json}
+# Paths are the caller's: made absolute here, before the cd to the repository root.
+abs() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
+CKPT=$(abs "${1:?usage: bash examples/evaluate_zeroshot_gpt.sh CHECKPOINT_DIR [RESULTS_JSON]}")
+OUT=$(abs "${2:-$CKPT/zeroshot_results.json}")
+[ -n "${TASKS_DIR:-}" ] && TASKS_DIR=$(abs "$TASKS_DIR")
 PY=${PYTHON:-python}
+case "$PY" in */*) PY=$(abs "$PY") ;; esac  # a relative interpreter path too; a bare name stays on PATH
+cd "$(dirname "$0")/.."
 
 TASKS=(
   hellaswag lambada_openai triviaqa webqs winogrande piqa arc_challenge arc_easy

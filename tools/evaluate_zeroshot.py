@@ -10,13 +10,15 @@ model shape; evaluation always runs at full length (random-LTD is a training-onl
 Offline. Standard task names download their data from the Hugging Face Hub. Where the Hub cannot be
 reached, tasks that are not under `--include-path` fail at once (before any model work) with a message
 saying how to give them local data: `tools/make_local_tasks.py` writes override task files that read
-local copies. To use a datasets cache filled on a connected machine instead, set HF_DATASETS_OFFLINE=1.
+local copies; a name lm-eval does not know at all is reported as unknown instead. To use a datasets
+cache filled on a connected machine instead, set HF_DATASETS_OFFLINE=1.
 """
 
 import argparse
 import importlib.util
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -27,7 +29,7 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from megatron.core.errors import UserError  # noqa: E402
-from megatron.training.cli import run_cli  # noqa: E402
+from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 LOCAL_DATA_HINT = ("point each at a local copy of its data: python tools/make_local_tasks.py --data-dir DATA "
@@ -65,6 +67,23 @@ def offline_error(tasks) -> UserError:
                      f"which this machine cannot reach; " + LOCAL_DATA_HINT.format(tasks=",".join(tasks)))
 
 
+def builtin_words() -> set:
+    """Every word in lm-eval's built-in task YAMLs: a superset of its task, group and tag names.
+
+    A name outside it is certainly unknown to lm-eval. Scanning the text takes a fraction of a second,
+    where TaskManager()'s real index parses the same ~14k files in about 10 s of CPU, too slow for a
+    check whose point is to fail fast.
+    """
+    root = os.path.join(os.path.dirname(importlib.util.find_spec("lm_eval").origin), "tasks")
+    words = set()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith((".yaml", ".yml")):
+                with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                    words.update(re.findall(r"[\w.\-]+", f.read()))
+    return words
+
+
 def task_manager_for(tasks, include_path, hub_online: bool, use_cache: bool):
     """A TaskManager that knows every task; only local folders when they hold them all (no 10 s index)."""
     from lm_eval.tasks import TaskManager
@@ -75,6 +94,11 @@ def task_manager_for(tasks, include_path, hub_online: bool, use_cache: bool):
     if not missing:
         return local
     if not hub_online and not use_cache:
+        known = builtin_words()
+        unknown = [t for t in missing if t not in known]
+        if unknown:
+            raise UserError(f"unknown task(s) {', '.join(unknown)}: neither under --include-path nor lm-eval "
+                            f"built-in task names; check the spelling (`lm_eval ls tasks` lists the names)")
         raise offline_error(missing)
     tm = TaskManager(include_path=include_path)
     unknown = [t for t in wanted if t not in tm.all_tasks]
@@ -90,8 +114,28 @@ def _limit(text: str):
     return int(value) if value >= 1 and value == int(value) else value
 
 
+def results_path(output_path: str) -> str:
+    """The JSON file `--output-path` names: the path itself, or results.json in an existing folder."""
+    return os.path.join(output_path, "results.json") if os.path.isdir(output_path) else output_path
+
+
+def check_writable(path: str) -> None:
+    """UserError now, not after the evaluation, if `path` cannot be written (or its folder created)."""
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UserError(f"--output-path {path} is not writable; pass another file or folder")
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the nearest existing ancestor must be a writable folder
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"--output-path {path}: {folder} is a file, not a folder; pass another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--output-path {path}: cannot write into {folder}; pass a path you can write to")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint folder (the --save folder) or one iter_XXXXXXX in it")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (or task YAML paths)")
@@ -123,6 +167,8 @@ def parse_args(argv=None):
     for d in args.include_path or []:
         if not os.path.isdir(d):
             raise UserError(f"--include-path {d}: no such folder")
+    if args.output_path:
+        check_writable(results_path(args.output_path))
     return args
 
 
@@ -164,10 +210,17 @@ def report(results, output_path) -> None:
     if results.get("groups"):
         print(make_table(results, "groups"))
     if output_path:
-        path = os.path.join(output_path, "results.json") if os.path.isdir(output_path) else output_path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        path = results_path(output_path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # a reader never sees half
+        try:
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         print(f"wrote {path}")
 
 

@@ -15,9 +15,13 @@ stay lm-eval's, and replaces only where the data comes from (absolute paths: lm-
 files against the working directory). It keeps the standard task name, so it overrides the built-in one
 and results are keyed exactly as in a connected run. Split files that are missing are switched off
 (a missing training split only matters for few-shot); a missing evaluation split skips the task.
+
+Few-shot without a training split. lm-eval then draws the examples from the evaluated documents, and
+leaves the current document out only when `fewshot_split == test_split` (0.4.13, `fewshot_context`):
+true for a task evaluating `validation` with no fewshot split (None == None), false for one evaluating
+`test`. So an override whose examples would come from its test split sets `fewshot_split` to it.
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -27,7 +31,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from megatron.core.errors import UserError  # noqa: E402
-from megatron.training.cli import run_cli  # noqa: E402
+from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 
 # The 19 zero-shot tasks of the random-LTD paper (GPT-3's set) in lm-eval 0.4: task -> (its YAML under
 # lm_eval/tasks, the Hub dataset and config it reads). Other task names are looked up in lm-eval's index.
@@ -112,7 +116,8 @@ def find_split_file(data_dir: Path, task: str, split: str):
 def override_config(task: str, data_dir: Path) -> dict:
     """The override task config for `task` reading `data_dir/task/*`; UserError without its eval split."""
     source = builtin_yaml(task)
-    splits, eval_split = task_splits(read_task_yaml(source))
+    builtin = read_task_yaml(source)
+    splits, eval_split = task_splits(builtin)
     if eval_split is None:
         raise UserError(f"task {task} declares no test or validation split; it cannot be redirected")
     files = {name: find_split_file(data_dir, task, name) for name in set(splits.values())}
@@ -126,6 +131,10 @@ def override_config(task: str, data_dir: Path) -> dict:
            "dataset_kwargs": {"data_files": {n: str(p.resolve()) for n, p in files.items() if p is not None}}}
     for key, name in splits.items():
         cfg[key] = name if files[name] is not None else None
+    pool = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split") or \
+        (builtin.get("fewshot_config") or {}).get("samples")  # fixed examples: not drawn from the docs
+    if pool is None and cfg.get("test_split") == eval_split:  # examples from the test docs: exclude each one
+        cfg["fewshot_split"] = eval_split
     return cfg
 
 
@@ -164,7 +173,7 @@ def download(tasks, data_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="folder with DATA/<task>/<split>.jsonl files")
     parser.add_argument("--output-dir", help="folder to write the override task YAMLs into (--include-path)")
     parser.add_argument("--tasks", default=",".join(GPT3_TASKS),

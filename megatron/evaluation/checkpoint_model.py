@@ -68,6 +68,13 @@ def is_single_file_layout(root: str, iteration: int) -> bool:
     return not ranks or ranks == ["mp_rank_00"]
 
 
+def require_gpt(args: dict) -> None:
+    """Evaluation and export read GPT checkpoints; a BERT one gets a line saying how BERTs are judged."""
+    if args.get("model_type") == "bert":
+        raise UserError("this is a BERT checkpoint (pretrain_bert_ltd.py); zero-shot evaluation and the HF export "
+                        "take GPT checkpoints; judge a BERT by fine-tuning it with tasks/finetune_pair.py")
+
+
 def config_from_args(args: dict) -> TransformerConfig:
     """The model's TransformerConfig from the saved flags (the same mapping as pretrain_gpt_ltd.py)."""
     try:
@@ -122,6 +129,7 @@ def load_gpt_checkpoint(load: str, iteration: Optional[int] = None, device="cpu"
     else:
         ckpt = load_merged_checkpoint(root, iteration)
     args = dict(ckpt.get("args") or {})
+    require_gpt(args)
     tokenizer = tokenizer_from_args(args, root, tokenizer_overrides)
     if "padded_vocab_size" not in args:  # older checkpoints: recompute as the trainer did
         args["padded_vocab_size"] = vocab_size_with_padding(

@@ -19,23 +19,27 @@ Vocabulary. The exported embedding keeps our padded vocabulary (`V` rows), so th
 exactly; the padded ids (>= the tokenizer's size) are listed in the generation config's
 `suppress_tokens`, so `generate` never emits them, as our lm-eval adapter does not.
 
-Tokenizer. GPT2BPE and HuggingFace tokenizers are written as a `tokenizer.json` with the same pipeline
-and no post-processor (no BOS/EOS added on encode, as in our training data); NullTokenizer as a
-whitespace word-level vocab `"0".."N"`. EOD is the EOS, BOS (lm-eval's empty-context prefix) and pad
-token. One difference: the HF tokenizer treats a literal `<|endoftext|>` in text as EOD, ours as text.
-SentencePiece models are not exported (no faithful `tokenizer.json` conversion without protobuf).
+Tokenizer: a `tokenizer.json` that encodes exactly as ours (GPT-2 BPE, HuggingFace, SentencePiece BPE
+or unigram, NullTokenizer), written by `megatron.evaluation.hf_tokenizer`.
+
+Checks (`export_to_hf`): the mapping is verified in fp32 in memory before the cast, the saved folder is
+loaded back and compared with our model rounded to the saved dtype, and the folder appears only after
+both passed (written aside, then renamed).
 """
 
+import copy
 import json
 import os
 import shutil
 import tempfile
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 
 from megatron.core.errors import UserError
 from megatron.core.transformer.config import TransformerConfig
+from megatron.evaluation.hf_tokenizer import save_tokenizer, tokenizers_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -138,58 +142,56 @@ def hf_config(config: TransformerConfig, args: dict, eod: int, pad: int):
                        attention_dropout=attention_dropout, initializer_range=c.init_method_std, **common)
 
 
-def _tokenizers_object(tokenizer):
-    """A `tokenizers.Tokenizer` that encodes exactly as our tokenizer does."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
-
-    from megatron.core.tokenizer.null import NullTokenizer
-    from megatron.core.tokenizer.sentencepiece import SentencePieceTokenizer
-
-    if isinstance(tokenizer, NullTokenizer):
-        vocab = {str(i): i for i in range(tokenizer.vocab_size)}  # ids as words; EOD is "N"
-        tok = HFTokenizer(models.WordLevel(vocab, unk_token=str(tokenizer.eod)))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # no decoder: decode joins words with spaces
-        return tok
-    if isinstance(tokenizer, SentencePieceTokenizer) or not hasattr(tokenizer, "_tok"):
-        raise UserError(f"exporting a {type(tokenizer).__name__} is not supported; the weights would export, "
-                        f"but the tokenizer has no faithful tokenizer.json: train with GPT2BPETokenizer or "
-                        f"HuggingFaceTokenizer")
-    tok = HFTokenizer.from_str(tokenizer._tok.to_str())  # a copy of the exact pipeline our tokenizer runs
-    tok.post_processor = None  # our tokenize() adds no special tokens
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
+@dataclass
+class ExportResult:
+    architecture: str  # "gpt2" or "llama"
+    fp32_diff: Optional[float]  # max |logit difference| of the in-memory fp32 mapping to our model (see _max_diff)
+    saved_diff: Optional[float]  # the same for the saved folder loaded back, against our model in its dtype
 
 
-def save_tokenizer(tokenizer, out_dir: str, max_length: int):
-    """Write tokenizer.json + tokenizer_config.json for AutoTokenizer; return the HF tokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = _tokenizers_object(tokenizer)
-    eod, pad = tok.id_to_token(tokenizer.eod), tok.id_to_token(tokenizer.pad)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eod, eos_token=eod, pad_token=pad,
-                                     unk_token=None, model_max_length=max_length,
-                                     clean_up_tokenization_spaces=False)
-    hf_tok.save_pretrained(out_dir)
-    # transformers 5 names its own class ("TokenizersBackend"); the 4.x name loads in both.
-    path = os.path.join(out_dir, "tokenizer_config.json")
-    with open(path) as f:
-        tok_config = json.load(f)
-    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(path, "w") as f:
-        json.dump(tok_config, f, indent=2)
-    return hf_tok
+def _probe_tokens(loaded, seed: int = 0) -> torch.Tensor:
+    """A random [2, min(L, 64)] batch of real (unpadded) token ids."""
+    s = min(loaded.config.max_position_embeddings, 64)
+    return torch.randint(0, loaded.tokenizer.vocab_size, (2, s), generator=torch.Generator().manual_seed(seed))
 
 
-def export_to_hf(loaded, out_dir: str, dtype: str = "float32") -> str:
-    """Write `loaded` (a LoadedGPT) as a transformers folder `out_dir`; return the architecture name."""
-    from transformers import GenerationConfig, GPT2LMHeadModel, LlamaForCausalLM
+@torch.no_grad()
+def _max_diff(ours: torch.nn.Module, theirs: torch.nn.Module, tokens: torch.Tensor) -> float:
+    """Largest |logit difference| between our GPTModel and a transformers model, both run in fp32 on CPU,
+    relative to the largest |logit| where that exceeds 1 (fp32 rounding grows with the logits' scale)."""
+    a = ours(tokens).float()  # [b, s, V]
+    b = theirs(tokens).logits.float()  # [b, s, V]
+    return ((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item()
+
+
+def _fp32_reference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Our model on CPU in fp32 with its weights rounded to `dtype` (a copy unless it is that already)."""
+    p = next(model.parameters())
+    if dtype == torch.float32 and p.dtype == torch.float32 and p.device.type == "cpu":
+        return model
+    return copy.deepcopy(model).to("cpu").to(dtype).float().eval()
+
+
+def export_to_hf(loaded, out_dir: str, dtype: str = "float32", verify: bool = True) -> ExportResult:
+    """Write `loaded` (a LoadedGPT) as a transformers folder `out_dir`, atomically.
+
+    Order: the tokenizer conversion (refused if not faithful), the weight mapping checked in memory in
+    fp32 against our model (1e-4, see `_max_diff`), the cast to `dtype`, the write into a temporary
+    sibling folder, the folder loaded back and checked against our model with its weights rounded to
+    `dtype` (1e-4: both run in fp32), and only then the rename to `out_dir`. A failed check leaves nothing behind.
+    `verify=False` skips both logit checks (a model too large to hold twice), not the tokenizer check.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig, GPT2LMHeadModel, LlamaForCausalLM
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if os.path.exists(out_dir) and os.listdir(out_dir) and \
+            not os.path.exists(os.path.join(out_dir, "megatron_ltd_export.json")):
+        raise UserError(f"--output-dir {out_dir} exists and is not an earlier export; pass a new or empty folder")
     config, tokenizer = loaded.config, loaded.tokenizer
     arch = hf_architecture(config)
+    tok = tokenizers_object(tokenizer)  # refuses an unfaithful tokenizer before any weight work
+
     state = {k: v.detach().to("cpu", torch.float32) for k, v in loaded.model.state_dict().items()}
     weights = (gpt2_state_dict if arch == "gpt2" else llama_state_dict)(state, config)
     cfg = hf_config(config, loaded.args, tokenizer.eod, tokenizer.pad)
@@ -198,27 +200,45 @@ def export_to_hf(loaded, out_dir: str, dtype: str = "float32") -> str:
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     assert not missing and not unexpected, f"export mapping is incomplete: {missing[:3]} {unexpected[:3]}"
     model.tie_weights()
-    model.to(DTYPES[dtype]).eval()
+    model.eval()
+    tokens = _probe_tokens(loaded)
+    fp32_diff = saved_diff = None
+    if verify:
+        fp32_diff = _max_diff(_fp32_reference(loaded.model, torch.float32), model, tokens)
+        _check(fp32_diff, "the fp32 mapping")
+    model.to(DTYPES[dtype])
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad,
         suppress_tokens=list(range(tokenizer.vocab_size, config.vocab_size)) or None)
 
-    if os.path.exists(out_dir) and os.listdir(out_dir) and \
-            not os.path.exists(os.path.join(out_dir, "megatron_ltd_export.json")):
-        raise UserError(f"--output-dir {out_dir} exists and is not an earlier export; pass a new or empty folder")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)  # written aside, moved in when complete
+    tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)  # written aside, moved in when checked
+    old = None
     try:
         model.save_pretrained(tmp)
-        save_tokenizer(tokenizer, tmp, config.max_position_embeddings)
+        save_tokenizer(tok, tokenizer, tmp, config.max_position_embeddings)
         with open(os.path.join(tmp, "megatron_ltd_export.json"), "w") as f:
             json.dump({"source": loaded.path, "iteration": loaded.iteration, "architecture": arch,
-                       "padded_vocab_size": config.vocab_size, "tokenizer_vocab_size": tokenizer.vocab_size}, f,
-                      indent=2)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
+                       "dtype": dtype, "padded_vocab_size": config.vocab_size,
+                       "tokenizer_vocab_size": tokenizer.vocab_size}, f, indent=2)
+        if verify:
+            del model  # the saved copy replaces it
+            back = AutoModelForCausalLM.from_pretrained(tmp).float().eval()
+            saved_diff = _max_diff(_fp32_reference(loaded.model, DTYPES[dtype]), back, tokens)
+            _check(saved_diff, f"the saved {dtype} folder")
+        if os.path.isdir(out_dir):  # an earlier export (checked above): moved aside, removed once replaced
+            old = tempfile.mkdtemp(prefix=".hf-export-old-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "export"))
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return arch
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return ExportResult(arch, fp32_diff, saved_diff)
+
+
+def _check(diff: float, what: str, tolerance: float = 1e-4) -> None:
+    if not diff <= tolerance:  # also NaN
+        raise UserError(f"{what} gives logits {diff:.2e} away from our model's (> {tolerance}); nothing was "
+                        f"written; please report this with the checkpoint's args")

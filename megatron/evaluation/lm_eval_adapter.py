@@ -13,7 +13,12 @@ lm-eval's disjoint windows of L tokens, as its `hf` backend does, so perplexitie
 
 Generation is greedy without a KV cache: each step runs the batch (right-padded) once and appends the
 argmax at each row's end; padded vocabulary ids are never generated. A row stops at EOD, at any `until`
-string, or after `max_gen_toks`; the text is cut at the first stop string.
+string, or after `max_gen_toks`; the text is cut at the first stop string. A task that sets no
+`max_gen_toks` gets min(256, L // 2) (256 would not fit a small model's window); one that asks for more
+than fits is an error. Sampling settings (`do_sample: true`, `temperature`) are ignored with a warning.
+
+Mode: each request batch runs in eval mode (no dropout, no token dropping, full length); the model's
+previous train/eval mode is restored afterwards, so evaluating inside a training loop leaves it as it was.
 
 Data parallel: `rank`/`world_size` and the `all_gather`/`gather_object`/`barrier` hooks run on the
 data-parallel group, so lm-eval shards documents across ranks and rank 0 alone aggregates and reports.
@@ -21,7 +26,9 @@ data-parallel group, so lm-eval shards documents across ranks and rank 0 alone a
 Glossary: b batch rows, s padded row length, V padded vocab, L max length.
 """
 
+import contextlib
 import json
+import logging
 from typing import List, Optional, Tuple
 
 import torch
@@ -33,6 +40,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from megatron.core import parallel_state
 from megatron.core.errors import UserError
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf backend default, for tasks that set none
 
 
 def _default_group():
@@ -53,7 +63,7 @@ class MegatronGPTLM(TemplateLM):
     """lm-eval model over a `GPTModel` and our `Tokenizer` (see the module docstring for the scoring rules)."""
 
     def __init__(self, model=None, tokenizer=None, batch_size=8, max_length: Optional[int] = None,
-                 max_gen_toks: int = 256, device=None, load: Optional[str] = None, iteration=None,
+                 max_gen_toks: Optional[int] = None, device=None, load: Optional[str] = None, iteration=None,
                  group=None, **kwargs):
         super().__init__()
         if load is not None:  # `--model megatron-gpt --model_args load=DIR` on lm-eval's own CLI
@@ -63,14 +73,18 @@ class MegatronGPTLM(TemplateLM):
             model, tokenizer = loaded.model, loaded.tokenizer
         if model is None or tokenizer is None:
             raise UserError("MegatronGPTLM needs a model and its tokenizer, or load=CHECKPOINT_DIR")
-        self.model = model.eval()
+        self.model = model  # put in eval mode per request batch, its own mode restored after (see `_eval_mode`)
         self.tokenizer = tokenizer
         self._device = next(model.parameters()).device
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self._max_length = int(max_length or model.config.max_position_embeddings)
-        self.max_gen_toks = int(max_gen_toks)
+        if max_gen_toks is not None and int(max_gen_toks) >= self._max_length:
+            raise UserError(f"max_gen_toks {max_gen_toks} leaves no room for context in the model's "
+                            f"{self._max_length} positions; pass a smaller max_gen_toks")
+        self.max_gen_toks = None if max_gen_toks is None else int(max_gen_toks)  # None: per task, see below
+        self._warned = set()  # warnings already logged by this adapter (each once)
         self._vocab = tokenizer.vocab_size  # ids >= this are vocabulary padding
         self._group = group if group is not None else _default_group()
         distributed = self._group is not None
@@ -97,6 +111,22 @@ class MegatronGPTLM(TemplateLM):
         n = sum(p.numel() for p in self.model.parameters())
         return {"model_num_parameters": n, "model_dtype": str(next(self.model.parameters()).dtype)}
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            if self._rank == 0:
+                logger.warning(message)
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Eval mode (no dropout, no token dropping) for one call; the caller's mode is restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
     # --- scoring ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -120,7 +150,8 @@ class MegatronGPTLM(TemplateLM):
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first: similar lengths per batch
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            logits = self._logits([rows[i] for i in batch])  # [b, s, V]
+            with self._eval_mode():
+                logits = self._logits([rows[i] for i in batch])  # [b, s, V]
             for j, i in enumerate(batch):
                 n, c = len(rows[i]), len(conts[i])
                 if c == 0:
@@ -160,18 +191,33 @@ class MegatronGPTLM(TemplateLM):
             indices.sort(key=lambda i: -len(contexts[i]))
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start:start + self.batch_size]
-                texts = self._greedy([contexts[i] for i in batch], until, max_gen)
+                with self._eval_mode():
+                    texts = self._greedy([contexts[i] for i in batch], until, max_gen)
                 for i, text in zip(batch, texts):
                     results[i] = text
         return results
 
     def _generation_settings(self, gen_kwargs: dict):
+        """(stop strings, max new tokens) for a task's generation_kwargs."""
         kw = dict(gen_kwargs or {})
         until = kw.pop("until", None) or []
         until = [u for u in ([until] if isinstance(until, str) else until) if u]
-        max_gen = int(kw.pop("max_gen_toks", self.max_gen_toks))
-        if max_gen >= self.max_length:
-            raise UserError(f"max_gen_toks {max_gen} leaves no room for context in {self.max_length} positions")
+        if kw.get("do_sample"):
+            self._warn_once("do_sample", "a task asks for do_sample: true; megatron-gpt generates greedily "
+                                         "(sampling settings such as temperature are ignored)")
+        if kw.get("max_gen_toks") is not None:  # the task (or simple_evaluate's gen_kwargs) asked for this many
+            max_gen = int(kw["max_gen_toks"])
+            if max_gen >= self.max_length:
+                raise UserError(f"a task asks for max_gen_toks {max_gen}, which leaves no room for context in "
+                                f"the model's {self.max_length} positions; lower it in the task's "
+                                f"generation_kwargs")
+        elif self.max_gen_toks is not None:
+            max_gen = self.max_gen_toks
+        else:  # lm-eval's usual 256 where it fits, else half the window (context keeps the other half)
+            max_gen = min(DEFAULT_MAX_GEN_TOKS, self.max_length // 2)
+            if max_gen < DEFAULT_MAX_GEN_TOKS:
+                self._warn_once("max_gen_toks", f"a task sets no max_gen_toks; generating at most {max_gen} "
+                                                f"tokens (half of the model's {self.max_length} positions)")
         return until, max_gen
 
     def _greedy(self, contexts: List[List[int]], until: List[str], max_gen: int) -> List[str]:

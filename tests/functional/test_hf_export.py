@@ -53,3 +53,63 @@ def test_architecture_without_equivalent_is_refused(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no Hugging Face architecture matches --position-embedding-type rope")
     assert not (tmp_path / "hf").exists()
+
+
+def test_sentencepiece_checkpoint_exports_with_its_tokenizer(tmp_path_factory, tmp_path, capsys):
+    setup = fixtures.sentencepiece_setup(tmp_path_factory)
+    out = str(tmp_path / "hf")
+    assert convert(["--load", setup["sp_llama"], "--output-dir", out]) == 0
+    assert "llama architecture" in capsys.readouterr().out
+    gpt = load_gpt_checkpoint(setup["sp_llama"])
+    assert type(gpt.tokenizer).__name__ == "SentencePieceTokenizer"
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, gpt.tokenizer.vocab_size, (2, fixtures.SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, gpt.model(tokens), atol=1e-4, rtol=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token_id == tok.bos_token_id == gpt.tokenizer.eod
+    lines = fixtures.corpus_lines()
+    assert len(lines) >= 300
+    for text in lines:  # ids equal ours, and decoding gives our text back
+        ids = tok.encode(text)
+        assert ids == gpt.tokenizer.tokenize(text), text
+        assert tok.decode(ids) == gpt.tokenizer.detokenize(ids), text
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_export_equals_our_rounded_model(setup, tmp_path, capsys, dtype):
+    out = str(tmp_path / "hf")
+    assert convert(["--load", setup["llama"], "--output-dir", out, "--dtype", dtype]) == 0
+    assert "verified" in capsys.readouterr().out
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert next(hf.parameters()).dtype == getattr(torch, dtype)
+    gpt = load_gpt_checkpoint(setup["llama"])
+    rounded = gpt.model.to(getattr(torch, dtype)).float()  # our weights rounded as the export stores them
+    tokens = torch.randint(0, gpt.tokenizer.vocab_size, (2, fixtures.SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.float()(tokens).logits, rounded(tokens), atol=1e-4, rtol=0)
+
+
+def test_a_failed_check_leaves_no_folder_and_keeps_an_earlier_export(setup, tmp_path, capsys, monkeypatch):
+    import json
+
+    from megatron.evaluation import hf_export
+
+    real = hf_export.llama_state_dict
+    monkeypatch.setattr(hf_export, "llama_state_dict", lambda state, config: {  # a wrong mapping: norms off
+        k: (v + 1 if k.endswith("norm.weight") else v) for k, v in real(state, config).items()})
+    assert convert(["--load", setup["llama"], "--output-dir", str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the fp32 mapping gives logits") and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(hf_export, "llama_state_dict", real)
+    assert convert(["--load", setup["llama"], "--output-dir", str(tmp_path / "hf")]) == 0  # an earlier export
+    def failing(diff, what):  # the check of the saved folder fails, after the fp32 one passed
+        if what.startswith("the saved"):
+            raise hf_export.UserError("the saved folder's check failed")
+
+    monkeypatch.setattr(hf_export, "_check", failing)
+    assert convert(["--load", setup["llama"], "--output-dir", str(tmp_path / "hf"), "--dtype", "float16"]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary folder left beside it
+    assert json.load(open(tmp_path / "hf" / "megatron_ltd_export.json"))["dtype"] == "float32"

@@ -55,15 +55,38 @@ def train_tokenizer(root):
     return os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt")
 
 
-def train_checkpoint(root, arch, vocab, merges):
+def corpus_lines():
+    """Text unrelated to the tokenizers' training data: this repository's docs, line by line. Lines naming a
+    special token literally (`</s>`) are left out: HF tokenizers read those as the token (a documented
+    difference), ours as text."""
+    from tests.scripts import REPO
+
+    specials = ("<s>", "</s>", "<unk>", "<|", "<pad>")
+    lines = [line for path in sorted((REPO / "docs").glob("*.md"))
+             for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and not any(s in line for s in specials)]
+    return lines[:400] + ["naïve café, 日本語 🙂", "  two  spaces\tand a tab  ", "\ttab first"]
+
+
+def train_sentencepiece(root):
+    """A SentencePiece BPE model trained by tools/train_tokenizer.py on the fixture corpus."""
+    rng = random.Random(0)
+    corpus = write_jsonl(os.path.join(root, "sp_corpus.jsonl"),
+                         [{"text": sentence(rng, 30) + ". Tree 42!"} for _ in range(200)])
+    out = os.path.join(root, "sp")
+    assert load_script("tools/train_tokenizer.py").main(
+        ["--input", corpus, "--vocab-size", "300", "--type", "sentencepiece", "--output-dir", out]) == 0
+    return os.path.join(out, "tokenizer.model")
+
+
+def train_checkpoint(root, arch, tokenizer_flags, name=None):
     from tests.functional.gpt_cli import run_inprocess
 
-    save = os.path.join(root, f"ckpt_{arch}")
+    save = os.path.join(root, f"ckpt_{name or arch}")
     argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
             "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "3", "--lr", "1e-2",
-            "--lr-decay-style", "constant", "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
-            "--merge-file", merges, "--mock-data", "--num-workers", "0", "--eval-iters", "0",
-            "--log-interval", "100", "--seed", "3", "--save", save, *ARCHS[arch]]
+            "--lr-decay-style", "constant", *tokenizer_flags, "--mock-data", "--num-workers", "0",
+            "--eval-iters", "0", "--log-interval", "100", "--seed", "3", "--save", save, *ARCHS[arch]]
     assert run_inprocess(argv) == 0
     return save
 
@@ -130,13 +153,24 @@ metric_list:
 
 
 def tiny_setup(tmp_path_factory):
-    """{'vocab', 'merges', 'gpt2', 'llama' (checkpoint folders), 'tasks' (task folder)}, built once."""
+    """{'vocab', 'merges', 'gpt2', 'llama' (checkpoint folders), 'tasks' (task folder), 'root'}, built once."""
     if not _CACHE:
         root = str(tmp_path_factory.mktemp("eval_setup"))
         vocab, merges = train_tokenizer(root)
-        _CACHE.update(vocab=vocab, merges=merges, tasks=write_tasks(root),
-                      **{arch: train_checkpoint(root, arch, vocab, merges) for arch in ARCHS})
+        flags = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges]
+        _CACHE.update(root=root, vocab=vocab, merges=merges, tasks=write_tasks(root),
+                      **{arch: train_checkpoint(root, arch, flags) for arch in ARCHS})
     return _CACHE
+
+
+def sentencepiece_setup(tmp_path_factory):
+    """{'sp_model', 'sp_llama' (a Llama-style checkpoint trained with it)}, built once, on first use."""
+    setup = tiny_setup(tmp_path_factory)
+    if "sp_llama" not in setup:
+        model = train_sentencepiece(setup["root"])
+        flags = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model]
+        setup.update(sp_model=model, sp_llama=train_checkpoint(setup["root"], "llama", flags, name="sp_llama"))
+    return setup
 
 
 TASKS = ["tiny_mc", "tiny_lambada", "tiny_pages", "tiny_gen"]

@@ -46,6 +46,25 @@ def test_pipeline_and_tensor_parallel_checkpoints_load_merged(setup, tmp_path):
         load_gpt_checkpoint(str(root))  # an incomplete layout is a one-line error
 
 
+@pytest.mark.parametrize("arch", sorted(fixtures.ARCHS))
+def test_tensor_parallel_checkpoint_gives_the_original_logits(setup, tmp_path, arch):
+    """tools/checkpoint_util.py splits the fixture into TP=2 shards (vocab re-padded for TP=2, as a TP=2
+    run pads it); load_gpt_checkpoint merges them back into the model that computes the original's logits."""
+    from tests.scripts import load_script
+
+    assert load_script("tools/checkpoint_util.py").main(
+        ["--load", setup[arch], "--save", str(tmp_path / "tp2"), "--target-tensor-parallel-size", "2",
+         "--target-pipeline-parallel-size", "1"]) == 0
+    assert sorted(os.listdir(tmp_path / "tp2" / "iter_0000003")) == ["mp_rank_00", "mp_rank_01"]
+    original, sharded = load_gpt_checkpoint(setup[arch]), load_gpt_checkpoint(str(tmp_path / "tp2"))
+    assert sharded.config.vocab_size == 512  # 300 ids padded to a multiple of 128 * TP
+    n = original.tokenizer.vocab_size
+    tokens = torch.randint(0, n, (2, fixtures.SEQ), generator=torch.Generator().manual_seed(0))  # [b, s]
+    with torch.no_grad():
+        want, got = original.model(tokens)[..., :n], sharded.model(tokens)[..., :n]  # [b, s, n] real ids only
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_moved_tokenizer_file_names_the_flag_and_can_be_overridden(setup, tmp_path):
     root = tmp_path / "moved"
     shutil.copytree(setup["gpt2"], root)
@@ -64,3 +83,13 @@ def test_missing_or_empty_folder(tmp_path):
         load_gpt_checkpoint(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="holds no checkpoint"):
         load_gpt_checkpoint(str(tmp_path))
+
+
+def test_a_bert_checkpoint_is_refused_with_one_clear_line():
+    from megatron.evaluation.checkpoint_model import require_gpt
+
+    require_gpt({"model_type": "gpt"})
+    args = {"model_type": "bert", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+            "padded_vocab_size": 128}
+    with pytest.raises(UserError, match="BERT checkpoint.*tasks/finetune_pair.py"):
+        require_gpt(args)

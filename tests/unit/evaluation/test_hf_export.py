@@ -36,7 +36,7 @@ def random_gpt(seed, **kw):
                                      ("llama", dict(LLAMA, add_bias_linear=True))])
 def test_export_reproduces_logits(tmp_path, arch, kw):
     gpt = random_gpt(1, **kw)
-    assert export_to_hf(gpt, str(tmp_path / "hf")) == arch
+    assert export_to_hf(gpt, str(tmp_path / "hf")).architecture == arch
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     tokens = torch.randint(0, 98, (3, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -131,3 +131,49 @@ def test_registered_name_loads_a_checkpoint(tmp_path_factory):
     gpt = load_gpt_checkpoint(setup["gpt2"])
     direct = fixtures.evaluate(MegatronGPTLM(gpt.model, gpt.tokenizer), setup["tasks"], tasks=["tiny_mc"])
     assert fixtures.metrics(results) == fixtures.metrics(direct)
+
+
+def test_generation_without_max_gen_toks_fits_a_small_window(gpt, tmp_path, tmp_path_factory, caplog):
+    """A task without max_gen_toks (triviaqa's kind) on the L=64 model: at most L // 2 new tokens, logged once;
+    only an explicit request that cannot fit is an error."""
+    import logging
+    import os
+
+    tasks = fixtures.tiny_setup(tmp_path_factory)["tasks"]
+    body = open(os.path.join(tasks, "tiny_gen.yaml")).read()
+    assert "  max_gen_toks: 6\n" in body
+    (tmp_path / "tiny_gen_default.yaml").write_text(
+        body.replace("task: tiny_gen", "task: tiny_gen_default").replace("  max_gen_toks: 6\n", "")
+        .replace('until: ["\\n", "."]', "until: []"))
+    lm = MegatronGPTLM(gpt.model, gpt.tokenizer, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="megatron.evaluation.lm_eval_adapter"):
+        results = fixtures.evaluate(lm, str(tmp_path), tasks=["tiny_gen_default"], limit=3)
+        lm.generate_until(requests("generate_until", [("a", {})]))  # again: no second warning
+    warnings = [r.getMessage() for r in caplog.records if "max_gen_toks" in r.getMessage()]
+    assert len(warnings) == 1 and "at most 32 tokens" in warnings[0]
+    samples = results["samples"]["tiny_gen_default"]
+    assert len(samples) == 3
+    for sample in samples:
+        context = sample["arguments"][0][0]
+        assert sample["resps"][0][0] == direct_greedy(gpt, context, [], gpt.config.max_position_embeddings // 2)
+    with pytest.raises(Exception, match="a task asks for max_gen_toks 64"):
+        lm.generate_until(requests("generate_until", [("a", {"max_gen_toks": 64})]))
+
+
+def test_sampling_is_warned_about_and_the_callers_mode_is_kept(gpt, caplog):
+    import logging
+
+    lm = MegatronGPTLM(gpt.model, gpt.tokenizer, batch_size=2)
+    greedy = lm.generate_until(requests("generate_until", [("the cat", {"max_gen_toks": 4})]))
+    gpt.model.train()  # e.g. evaluating inside a training loop
+    try:
+        with caplog.at_level(logging.WARNING, logger="megatron.evaluation.lm_eval_adapter"):
+            sampled = lm.generate_until(requests("generate_until", [("the cat", {"max_gen_toks": 4, "do_sample": True,
+                                                                             "temperature": 1.0})]))
+        assert gpt.model.training  # restored after the batch
+        assert sampled == greedy  # greedy all the same, and in eval mode (no dropout)
+        assert any("generates greedily" in r.getMessage() for r in caplog.records)
+        lm.loglikelihood(requests("loglikelihood", [("the", " cat")]), disable_tqdm=True)
+        assert gpt.model.training
+    finally:
+        gpt.model.eval()

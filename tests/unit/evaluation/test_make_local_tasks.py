@@ -61,3 +61,28 @@ def test_missing_data_is_a_user_error(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(UserError, match="no task had its data"):
         tool.main(["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "t"), "--tasks", "piqa"])
+
+
+def test_few_shot_from_the_evaluated_split_never_shows_a_document_its_own_answer(tmp_path, tmp_path_factory):
+    """Without a training split, lm-eval draws few-shot examples from the evaluated documents; each prompt's
+    examples must be other documents (lambada_openai evaluates `test`, piqa `validation`)."""
+    tool = load_script("tools/make_local_tasks.py")
+    words = ["alpha", "bravo", "charlie", "delta", "echo"]
+    lam = [{"text": f"the {w} cat sat on the {w}mat"} for w in words]
+    piqa = [{"goal": f"open the {w} door", "sol1": "push it", "sol2": "eat it", "label": 0} for w in words]
+    for name, rows in (("lambada_openai/test", lam), ("piqa/validation", piqa)):
+        (tmp_path / name).parent.mkdir()
+        fixtures.write_jsonl(str(tmp_path / name) + ".jsonl", rows)
+    written, _ = tool.write_tasks(["lambada_openai", "piqa"], str(tmp_path), str(tmp_path / "tasks"))
+    gpt = load_gpt_checkpoint(fixtures.tiny_setup(tmp_path_factory)["gpt2"])
+    results = fixtures.evaluate(MegatronGPTLM(gpt.model, gpt.tokenizer), str(tmp_path / "tasks"),
+                                tasks=["lambada_openai", "piqa"], num_fewshot=2)
+    for sample in results["samples"]["lambada_openai"]:
+        context = sample["arguments"][0][0]  # (context, continuation) of the request
+        assert context.count("cat sat on the") == 3, context  # two examples and the document itself
+        assert sample["doc"]["text"].split()[-1] not in context, context  # ... which is not among the examples
+    for sample in results["samples"]["piqa"]:
+        context = sample["arguments"][0][0]
+        assert context.count("Question: open the") == 3 and context.count(sample["doc"]["goal"]) == 1, context
+    cfg = yaml.safe_load(open(written[0]))  # lm-eval leaves the document out when fewshot_split == test_split
+    assert cfg["fewshot_split"] == cfg["test_split"] == "test"
