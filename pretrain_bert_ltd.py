@@ -42,9 +42,12 @@ def forward_step(data_iterator, model):
             sop_loss = F.cross_entropy(out.binary_logits.float(), batch["is_random"])  # [b, 2] vs [b]
             loss = loss + sop_loss
             metrics["sop loss"] = sop_loss.detach()
-        metrics["mlm accuracy"] = (out.mlm_correct.float() * mask).sum() / n
+        # Accuracies as (correct, counted) pairs: the trainer sums both over micro-batches and data-parallel
+        # ranks before dividing, so every predicted token weighs the same.
+        metrics["mlm accuracy"] = ((out.mlm_correct.float() * mask).sum().detach(), mask.sum())
         if out.binary_logits is not None:
-            metrics["sop accuracy"] = (out.binary_logits.argmax(-1) == batch["is_random"]).float().mean()
+            sop_correct = (out.binary_logits.argmax(-1) == batch["is_random"]).float()  # [b]
+            metrics["sop accuracy"] = (sop_correct.sum(), sop_correct.new_tensor(float(sop_correct.numel())))
         return loss, metrics
 
     return output, loss_fn

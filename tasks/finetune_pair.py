@@ -38,7 +38,7 @@ from megatron.core.models.init import full_init  # noqa: E402
 from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig  # noqa: E402
 from megatron.core.transformer.config import TransformerConfig  # noqa: E402
 from megatron.evaluation.checkpoint_model import tokenizer_from_args  # noqa: E402
-from megatron.training.arguments import _Parser  # noqa: E402  (flag mistakes become one-line UserErrors)
+from megatron.training.cli import ArgumentParser  # noqa: E402  (flag mistakes become one-line UserErrors)
 from megatron.training.cli import run_cli  # noqa: E402
 from megatron.training.lr_schedule import LRScheduleConfig, lr_at  # noqa: E402
 from tasks.checkpoint import bert_config, load_pretrained_bert  # noqa: E402
@@ -151,7 +151,7 @@ def finetune(model: PairClassifier, train: PairDataset, valid: dict, args, devic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Fine-tune a pretrained BERT on sentence pairs (MNLI, QQP) and report accuracy",
+    p = ArgumentParser(description="Fine-tune a pretrained BERT on sentence pairs (MNLI, QQP) and report accuracy",
                 allow_abbrev=False)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--pretrained-checkpoint", required=True, help="the --save folder of pretrain_bert_ltd.py")
@@ -190,9 +190,21 @@ def validate(args) -> None:
         raise UserError("fine-tuning runs in one process; launch it with python, not torchrun")
 
 
+def valid_names(paths: list) -> list:
+    """The name each --valid-data file is reported under: its file name, or the path as given where two
+    files share a name (a/dev.tsv and b/dev.tsv must not overwrite each other's accuracy)."""
+    real = [os.path.realpath(p) for p in paths]
+    twice = next((p for p, r in zip(paths, real) if real.count(r) > 1), None)
+    if twice is not None:
+        raise UserError(f"--valid-data names {twice} twice; give each file once")
+    base = [os.path.basename(p) for p in paths]
+    return [b if base.count(b) == 1 else p for b, p in zip(base, paths)]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
+    names = valid_names(args.valid_data)  # before any work: a file named twice is a user error
     bert = load_pretrained_bert(args.pretrained_checkpoint)
     tokenizer = tokenizer_from_args(bert.args, bert.root, {"vocab_file": args.vocab_file})
     config = bert_config(bert.args, args.hidden_dropout, args.attention_dropout)
@@ -220,7 +232,7 @@ def main(argv=None) -> int:
         return PairDataset(pairs, tokenizer, seq)
 
     train = load(args.train_data)
-    valid = {os.path.basename(p): load(p) for p in args.valid_data}
+    valid = {name: load(p) for name, p in zip(names, args.valid_data)}
     print(f" fine-tuning {args.task} from {bert.root} iteration {bert.iteration} "
           f"on {device}: {len(train)} training pairs, {args.epochs} epochs; fresh: classification head"
           + "".join(f", {n}" for n in fresh), flush=True)

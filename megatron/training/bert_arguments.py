@@ -6,8 +6,11 @@ has as dataset-config fields get flags here (`--masking-max-ngram`, `--no-whole-
 """
 
 import argparse
+import os
+from typing import Optional
 
 from megatron.core.errors import UserError
+from megatron.core.random_ltd.config import parse_layer_spec
 from megatron.training.arguments import build_parser, parse_args
 
 
@@ -36,6 +39,34 @@ def validate_bert_args(args: argparse.Namespace) -> None:
                         "(tools/preprocess_data.py --split-sentences)")
     if args.reset_position_ids or args.eod_mask_loss:
         raise UserError("--reset-position-ids and --eod-mask-loss are GPT-only flags; drop them for BERT")
+    warning = edge_layer_warning(args)
+    if warning and os.environ.get("RANK", "0") == "0":
+        print(f"WARNING: {warning}", flush=True)
+
+
+def edge_layer_warning(args: argparse.Namespace) -> Optional[str]:
+    """The one-line warning for --random-ltd-layers naming the first or last layer, else None.
+
+    Allowed, but rarely meant: random-LTD keeps both dense. A token dropped in the last layer reaches the
+    heads with the previous layer's output, so the SOP head may read a [CLS] (and the MLM head masked
+    tokens) that skipped the last layer; one dropped in the first layer enters layer 1 as a bare embedding.
+    """
+    if not args.random_ltd or not args.random_ltd_layers:
+        return None
+    first, last = 0, args.num_layers - 1
+    edges = {first, last} & set(parse_layer_spec(args.random_ltd_layers, args.num_layers))
+    if not edges:
+        return None
+    why = []
+    if first in edges:
+        why.append(f"a token dropped in layer {first} enters layer 1 as a bare embedding")
+    if last in edges:
+        heads = "the SOP head may read a [CLS], and the MLM head masked tokens," if args.bert_binary_head else \
+            "the MLM head may read masked tokens"
+        why.append(f"{heads} that skipped the last layer {last}")
+    default = f"1-{last - 1}" if last > 2 else "1" if last == 2 else "none, the model is too shallow"
+    return (f"--random-ltd-layers {args.random_ltd_layers} includes the first or last layer, which random-LTD "
+            f"keeps dense: {'; '.join(why)} (the default is {default})")
 
 
 def parse_bert_args(argv=None) -> argparse.Namespace:

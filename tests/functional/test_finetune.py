@@ -1,6 +1,6 @@
 """Fine-tuning judges a BERT checkpoint: GLUE TSV layouts, pair encoding, loading the pretrained encoder
-(also from a tensor/pipeline-parallel checkpoint, see tests/distributed/test_bert_equivalence.py), and
-tiny synthetic MNLI/QQP tasks learnt well above chance.
+(also from a tensor/pipeline-parallel checkpoint, see tests/distributed/test_bert_equivalence.py), tiny
+synthetic MNLI/QQP tasks learnt well above chance, and validation files that share a name kept apart.
 
 In the synthetic tasks the label follows the topic of ONE column (MNLI's hypothesis, QQP's first
 question) and the other column is noise, so learning them also shows the columns are read as named.
@@ -137,3 +137,29 @@ def test_finetune_refuses_a_gpt_checkpoint_and_test_files(pretrained, tmp_path):
     with pytest.raises(UserError, match="no column is_duplicate"):
         finetune.main(["--task", "QQP", "--train-data", str(tmp_path / "test.tsv"), "--valid-data",
                        str(tmp_path / "train.tsv"), "--pretrained-checkpoint", str(pretrained[0] / "ckpt")])
+
+
+def test_valid_files_with_the_same_name_are_kept_apart(pretrained, tmp_path):
+    """a/dev.tsv and b/dev.tsv hold the same pairs with opposite labels: each is reported under its own
+    path and their accuracies add up to exactly 1 (one file's hits are the other's misses)."""
+    from megatron.training.cli import run_cli
+
+    tmp, _ = pretrained
+    write_qqp(tmp_path / "train.tsv", 32, 1)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    write_qqp(tmp_path / "a" / "dev.tsv", 40, 2)
+    rows = (tmp_path / "a" / "dev.tsv").read_text().splitlines()
+    flipped = [rows[0]] + ["\t".join(r.split("\t")[:5] + [str(1 - int(r.split("\t")[5]))]) for r in rows[1:]]
+    (tmp_path / "b" / "dev.tsv").write_text("\n".join(flipped) + "\n")
+    log = tmp_path / "ft.jsonl"
+    a, b = str(tmp_path / "a" / "dev.tsv"), str(tmp_path / "b" / "dev.tsv")
+    argv = ["--task", "QQP", "--pretrained-checkpoint", str(tmp / "ckpt"), "--train-data", str(tmp_path / "train.tsv"),
+            "--epochs", "1", "--micro-batch-size", "16", "--seq-length", "24", "--log-interval", "1",
+            "--log-json", str(log)]
+    finetune = load_script("tasks/finetune_pair.py")
+    assert run_cli(finetune.main, argv + ["--valid-data", a, b]) == 0
+    accs = {r["valid"]: r["accuracy"] for r in map(json.loads, open(log)) if "accuracy" in r}
+    assert set(accs) == {a, b} and accs[a] + accs[b] == pytest.approx(1.0), accs
+    with pytest.raises(UserError, match=r"--valid-data names .*a/dev.tsv twice; give each file once"):
+        finetune.main(argv + ["--valid-data", a, str(tmp_path / "a" / ".." / "a" / "dev.tsv")])

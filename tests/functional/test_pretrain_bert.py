@@ -1,21 +1,23 @@
 """pretrain_bert_ltd.py end to end: a tiny BERT with random-LTD learns and logs lm/sop loss and MLM
-accuracy; --bert-no-binary-head; one-line errors; the BERT-large recipes' flags and schedule; and, once
-the sentence-level BERT dataset exists, a run on real preprocessed text."""
+accuracy (token-weighted over micro-batches and ranks); --bert-no-binary-head; one-line errors and
+warnings; out-of-vocabulary data refused at start-up; the BERT-large recipes' flags and schedule; and a
+run on real preprocessed text that learns."""
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
+from megatron.core.datasets.indexed import IndexedDatasetBuilder
 from megatron.core.errors import UserError
+from megatron.core.models.bert import BertOutput
 from tests.functional import bert_cli
 from tests.functional.gpt_cli import REPO, read_json_lines
-
-HAVE_BERT_DATA = importlib.util.find_spec("megatron.core.datasets.bert_dataset") is not None
 
 
 @pytest.fixture
@@ -125,12 +127,17 @@ def test_bert_large_recipes_follow_the_paper(tmp_path):
     assert resolve_run_length(base, 24).train_iters == 2_000_000
 
 
-@pytest.mark.skipif(not HAVE_BERT_DATA, reason="waits for megatron/core/datasets/bert_dataset.py")
 def test_real_sentence_data_end_to_end(tmp_path, vocab):
-    """Sample corpus -> WordPiece + --split-sentences -> BERT with random-LTD -> checkpoint: the dataset
-    contract (dict of text/types/labels/loss_mask/padding_mask/is_random) meets the model."""
+    """Sample corpus -> WordPiece + --split-sentences -> BERT with random-LTD -> checkpoint: the real
+    dataset (not the synthetic one) meets the model, and the model learns from it.
+
+    The corpus uses 20 of the vocabulary's words. An untrained model predicts about uniformly over the
+    padded vocabulary, lm loss ln 128 = 4.85; one that has learnt only which 20 words occur reaches
+    ln 20 = 3.0. Requiring the last three iterations to average a full nat below the first is far outside
+    the noise of ~0.1 per iteration (~130 predicted tokens); labels that were noise rather than the text's
+    ids at the masked positions could not get there."""
     corpus = tmp_path / "corpus.jsonl"
-    words = bert_cli.WORDS
+    words = bert_cli.WORDS[:20]
     with open(corpus, "w") as f:
         for d in range(60):
             sentences = [" ".join(words[(d * 7 + s * 3 + w) % len(words)] for w in range(5 + s % 4)) + "."
@@ -144,9 +151,97 @@ def test_real_sentence_data_end_to_end(tmp_path, vocab):
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = tmp_path / "m.jsonl"
     argv = bert_cli.TINY + bert_cli.LTD + [
-        "--vocab-file", vocab, "--data-path", prefix + "_text_sentence", "--train-iters", "12",
-        "--log-json", str(log), "--save", str(tmp_path / "ck"), "--eval-interval", "6"]
+        "--vocab-file", vocab, "--data-path", prefix + "_text_sentence", "--train-iters", "20",
+        "--micro-batch-size", "16", "--global-batch-size", "16", "--lr", "5e-3", "--lr-decay-style", "constant",
+        "--log-json", str(log), "--save", str(tmp_path / "ck"), "--eval-interval", "10"]
     assert bert_cli.run_inprocess(argv) == 0
     train = [r for r in read_json_lines(log) if "lm_loss" in r]
-    assert len(train) == 12 and all(math.isfinite(r["lm_loss"]) and math.isfinite(r["sop_loss"]) for r in train)
+    assert len(train) == 20 and all(math.isfinite(r["lm_loss"]) and math.isfinite(r["sop_loss"]) for r in train)
     assert train[0]["ltd_seq_length"] == 8 and train[-1]["ltd_seq_length"] == 32
+    losses = [r["lm_loss"] for r in train]
+    assert abs(losses[0] - math.log(128)) < 0.2, losses
+    assert np.mean(losses[-3:]) < losses[0] - 1.0, losses
+    assert (tmp_path / "ck" / "iter_0000020" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+
+
+def loss_fn_metrics(correct, predicted):
+    """The metrics pretrain_bert_ltd's loss_fn returns for one micro-batch whose rows predict `predicted[i]`
+    tokens, the first `correct[i]` of them right (a stand-in model returns the per-token outputs)."""
+    entry = bert_cli.load_entry()
+    b, s = len(correct), 8
+    loss_mask = torch.zeros(b, s)
+    mlm_correct = torch.zeros(b, s, dtype=torch.bool)
+    for i, (c, n) in enumerate(zip(correct, predicted)):
+        loss_mask[i, :n] = 1.0
+        mlm_correct[i, :c] = True
+        mlm_correct[i, n:] = True  # right by chance where nothing is predicted: must not count
+    batch = {"text": torch.zeros(b, s, dtype=torch.long), "types": torch.zeros(b, s, dtype=torch.long),
+             "labels": torch.zeros(b, s, dtype=torch.long), "padding_mask": torch.zeros(b, s, dtype=torch.bool),
+             "loss_mask": loss_mask, "is_random": torch.zeros(b, dtype=torch.long), "ltd": None}
+    out = BertOutput(lm_loss=torch.ones(b, s), mlm_correct=mlm_correct, binary_logits=torch.zeros(b, 2))
+    _, loss_fn = entry.forward_step(iter([batch]), lambda *args, **kw: out)
+    return loss_fn(out)[1]
+
+
+def test_mlm_accuracy_is_token_weighted():
+    from megatron.training.trainer import _mean_metrics
+
+    # Micro-batch 1: 3 of 4 predicted tokens right; micro-batch 2: 1 of 1; micro-batch 3: none predicted.
+    metrics = [loss_fn_metrics([3], [4]), loss_fn_metrics([1], [1]), loss_fn_metrics([0], [0])]
+    got = _mean_metrics(metrics)
+    assert got["mlm accuracy"] == pytest.approx(4 / 5)  # per-micro-batch mean would say (0.75 + 1 + 0) / 3
+    assert got["lm loss"] == pytest.approx(2 / 3)  # losses stay Megatron's mean over micro-batches (1, 1, 0)
+    assert got["sop accuracy"] == pytest.approx(1.0)
+
+
+def _dp_accuracy(rank, world_size, out_dir):
+    from megatron.training.trainer import _mean_metrics
+
+    mine = [loss_fn_metrics([3, 0], [4, 2])] if rank == 0 else [loss_fn_metrics([1], [6]), loss_fn_metrics([0], [0])]
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(_mean_metrics(mine), f)
+
+
+def test_mlm_accuracy_is_token_weighted_across_data_parallel_ranks(tmp_path):
+    from tests.distributed.launcher import run_distributed
+
+    run_distributed(_dp_accuracy, world_size=2, args=(str(tmp_path),), hang_after_s=120)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["mlm accuracy"] == pytest.approx((3 + 0 + 1) / (4 + 2 + 6)), rank  # 4 of 12, on every rank
+
+
+@pytest.mark.parametrize("layers, warned", [("1-2", None), ("0-2", "layer 0 enters"), ("1-3", "last layer 3")])
+def test_ltd_in_first_or_last_layer_warns(tmp_path, vocab, capsys, layers, warned):
+    from megatron.training.bert_arguments import parse_bert_args
+
+    argv = bert_cli.TINY + bert_cli.LTD + ["--vocab-file", vocab, "--data-path", "x", "--train-iters", "2",
+                                           "--random-ltd-layers", layers]
+    parse_bert_args(argv)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "WARNING" in x]
+    if warned is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith("WARNING: --random-ltd-layers") and warned in lines[0], lines
+        assert "random-LTD keeps dense" in lines[0] and "(the default is 1-2)" in lines[0]
+
+
+def test_out_of_vocab_data_refused_at_start_up(tmp_path, vocab, capsys):
+    """Ids beyond the vocabulary stop the run before any index is built: one line, exit 2, and nothing
+    written (no index cache, no token-range cache, no checkpoint folder)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with IndexedDatasetBuilder(str(data / "bad_text_sentence.bin"), np.uint16) as b:
+        for d in range(40):  # sentence-level: 4 sentences per document, one id in the last beyond the vocab
+            sentences = [[5 + (d + k) % 100] * 6 for k in range(4)]
+            if d == 39:
+                sentences[-1][-1] = 300  # vocab.txt has 105 pieces, the tokenizer 107 ids
+            b.add_document([t for x in sentences for t in x], [len(x) for x in sentences])
+        b.finalize(str(data / "bad_text_sentence.idx"))
+    argv = bert_cli.TINY + ["--vocab-file", vocab, "--data-path", str(data / "bad_text_sentence"),
+                            "--train-iters", "2", "--save", str(tmp_path / "ck")]
+    assert bert_cli.run_inprocess(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: token id 300 in ") and "vocab of 107" in err[0], err
+    assert sorted(p.name for p in data.iterdir()) == ["bad_text_sentence.bin", "bad_text_sentence.idx"]
+    assert not (tmp_path / "ck").exists()

@@ -11,8 +11,10 @@ documents as groups). The split unit is the document. Two steps, both identical 
    running length reaches the target (and at least 2 sentences, and more than one sentence is left) or
    the document ends. Target = s - 3, or with probability `short_seq_prob` uniform in [2, s - 3]; drawn
    from `std::mt19937(seed)`. Epochs repeat until N >= num_samples, whole epochs only. The rows are then
-   shuffled with `std::mt19937_64(seed + 1)`. Cost: O(epochs x sentences) Python steps (~0.4 M sentences/s),
-   once; a cache hit is a memory map.
+   shuffled with `std::mt19937_64(seed + 1)`. Cost: one Python step per sample (the sample's end is a
+   bisection of the document's prefix sums) and one per shuffle swap, about 20 bytes a row at the peak
+   (docs/bert.md has the measurement); built once, on rank 0 only, and memory-mapped from the cache by the
+   other ranks and later runs.
 2. **`ds[k]`**, deterministic per k (`numpy.random.RandomState((seed + k) % 2**32)`): split the sample's
    sentences at a random point into A | B, swap them with probability 1/2 (sentence-order prediction,
    `is_random` = 1 when swapped), trim the longer segment from a random end until A + B fit the target,
@@ -30,10 +32,13 @@ padding_mask bool [s] (True = padding; Megatron's is the opposite), is_random in
 Glossary: s = seq_length, N = samples in the index, A/B = the two segments.
 """
 
+import array
+import itertools
 import math
 import os
+from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -46,7 +51,7 @@ from megatron.core.datasets.gpt_dataset import (
     split_matrix,
     split_range,
 )
-from megatron.core.datasets.indexed import IndexedDataset
+from megatron.core.datasets.indexed import IndexedDataset, check_token_ids
 from megatron.core.errors import UserError
 
 LONG_SENTENCE_LEN = 512  # a document with a longer sentence is skipped (unless it is its only sentence)
@@ -132,42 +137,55 @@ class BertDatasetConfig:
 # ---------------------------------------------------------------------------------------------------
 # The sample index (Megatron's C++ build_mapping, RNGs included)
 # ---------------------------------------------------------------------------------------------------
-class _MT19937Stream:
-    """std::mt19937(seed) raw 32-bit outputs, drawn in blocks (numpy's MT19937 after the same seeding)."""
+_BLOCK_SENTENCES = 1 << 22  # sentences whose prefix sums are held at once (32 MB of int64)
+_TARGET_BLOCK = 1 << 16  # target lengths drawn per numpy call
+_SHUFFLE_BLOCK = 1 << 16  # Fisher-Yates picks drawn per numpy call
+_BUILD_WAIT_HOURS = 24  # how long the other ranks wait for rank 0's index build
 
-    def __init__(self, seed: int, block: int = 4096):
+
+class _MT19937Stream:
+    """std::mt19937(seed) raw 32-bit outputs (numpy's MT19937 after the same seeding)."""
+
+    def __init__(self, seed: int):
         key, pos = np.random.RandomState(seed).get_state()[1:3]  # init_genrand(seed), as std::mt19937
         self._bits = np.random.MT19937()
         self._bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
-        self._block, self._buf, self._i = block, [], 0
 
-    def next(self) -> int:
-        if self._i == len(self._buf):
-            self._buf, self._i = self._bits.random_raw(self._block).tolist(), 0
-        self._i += 1
-        return self._buf[self._i - 1]
+    def targets(self, ratio: int, max_len: int) -> Iterator[int]:
+        """Megatron's get_target_sample_len per draw: 2 + r % (max_len - 1) when r % ratio == 0, else max_len."""
+        def blocks():
+            while True:
+                r = self._bits.random_raw(_TARGET_BLOCK)  # [block] uint64 holding 32-bit values
+                yield np.where(r % ratio == 0, 2 + r % (max_len - 1), max_len).tolist()
+
+        return itertools.chain.from_iterable(blocks())  # C-level iteration within a block
 
 
 _U64 = np.uint64
 
 
-def mt19937_64(seed: int, n: int) -> np.ndarray:
-    """The first n outputs of std::mt19937_64(seed), uint64 [n] (the 64-bit Mersenne Twister, vectorized)."""
+class _MT19937_64:
+    """std::mt19937_64(seed) (the 64-bit Mersenne Twister), vectorized over its 312-word state."""
+
     nn, mm = 312, 156
-    mask64 = (1 << 64) - 1
-    state = [seed & mask64]
-    for i in range(1, nn):
-        prev = state[-1]
-        state.append((6364136223846793005 * (prev ^ (prev >> 62)) + i) & mask64)
-    mt = np.array(state, dtype=np.uint64)
-    upper, lower, matrix_a = _U64(0xFFFFFFFF80000000), _U64(0x7FFFFFFF), _U64(0xB5026F5AA96619E9)
 
-    def mix(hi, lo):  # twist of (upper bits of hi | lower bits of lo)
-        x = (hi & upper) | (lo & lower)
-        return (x >> _U64(1)) ^ np.where(x & _U64(1), matrix_a, _U64(0))
+    def __init__(self, seed: int):
+        mask64 = (1 << 64) - 1
+        state = [seed & mask64]
+        for i in range(1, self.nn):
+            prev = state[-1]
+            state.append((6364136223846793005 * (prev ^ (prev >> 62)) + i) & mask64)
+        self._mt = np.array(state, dtype=np.uint64)
+        self._left = np.zeros(0, dtype=np.uint64)  # outputs of the last twist not yet handed out
 
-    out = np.empty(-(-n // nn) * nn, dtype=np.uint64)
-    for b in range(out.shape[0] // nn):
+    def _twist(self) -> np.ndarray:
+        nn, mm, mt = self.nn, self.mm, self._mt
+        upper, lower, matrix_a = _U64(0xFFFFFFFF80000000), _U64(0x7FFFFFFF), _U64(0xB5026F5AA96619E9)
+
+        def mix(hi, lo):  # twist of (upper bits of hi | lower bits of lo)
+            x = (hi & upper) | (lo & lower)
+            return (x >> _U64(1)) ^ np.where(x & _U64(1), matrix_a, _U64(0))
+
         # Three slices so each reads the values the sequential loop would see (old ahead, new behind).
         mt[: nn - mm] = mt[mm:] ^ mix(mt[: nn - mm], mt[1 : nn - mm + 1])
         mt[nn - mm : nn - 1] = mt[: mm - 1] ^ mix(mt[nn - mm : nn - 1], mt[nn - mm + 1 :])
@@ -177,8 +195,71 @@ def mt19937_64(seed: int, n: int) -> np.ndarray:
         y ^= (y << _U64(17)) & _U64(0x71D67FFFEDA60000)
         y ^= (y << _U64(37)) & _U64(0xFFF7EEE000000000)
         y ^= y >> _U64(43)
-        out[b * nn : (b + 1) * nn] = y
-    return out[:n]
+        return y
+
+    def next(self, n: int) -> np.ndarray:
+        """The next n outputs, uint64 [n]."""
+        parts, have = [self._left], len(self._left)
+        while have < n:
+            parts.append(self._twist())
+            have += self.nn
+        out = np.concatenate(parts)
+        self._left = out[n:].copy()
+        return out[:n]
+
+
+def mt19937_64(seed: int, n: int) -> np.ndarray:
+    """The first n outputs of std::mt19937_64(seed), uint64 [n]."""
+    return _MT19937_64(seed).next(n)
+
+
+def _blocks(docs: np.ndarray) -> List[Tuple[int, int]]:
+    """[d0, d1) document ranges of about _BLOCK_SENTENCES sentences each (a longer document alone)."""
+    out, d = [], 0
+    while d < len(docs) - 1:
+        e = max(d + 1, int(np.searchsorted(docs, docs[d] + _BLOCK_SENTENCES, side="right")) - 1)
+        out.append((d, e))
+        d = e
+    return out
+
+
+def _block_tables(docs: np.ndarray, sizes: np.ndarray, d0: int, d1: int, min_num_sent: int):
+    """(spans, cum, base) for documents [d0, d1): spans = [(first, end)] of the documents that yield
+    samples, as sentence numbers relative to base = docs[d0]; cum = int64 [n + 1] prefix sums of the
+    block's sentence lengths, as a memoryview (the hot loop indexes it with Python ints)."""
+    base = int(docs[d0])
+    first, last = docs[d0:d1] - base, docs[d0 + 1 : d1 + 1] - base  # [D_b] each
+    cum = np.zeros(int(last[-1]) + 1, dtype=np.int64)  # [n + 1]
+    np.cumsum(sizes[base : base + len(cum) - 1], out=cum[1:])
+    is_long = np.zeros(len(cum), dtype=np.int64)  # [n + 1] prefix counts of sentences > 512 tokens
+    np.cumsum(sizes[base : base + len(cum) - 1] > LONG_SENTENCE_LEN, out=is_long[1:])
+    count = last - first
+    long_sentence = (count > 1) & (is_long[last] - is_long[first] > 0)
+    used = np.flatnonzero((count >= min_num_sent) & ~long_sentence)
+    return list(zip(first[used].tolist(), last[used].tolist())), memoryview(cum), base
+
+
+def _walk_block(rows: array.array, spans, cum, base: int, min_num_sent: int, next_target) -> None:
+    """Append one epoch's samples of one block to rows (flat first, end, target).
+
+    A sample starting at sentence s with target t ends after the first sentence e - 1 where the running
+    length reaches t, at least min_num_sent sentences are taken and more than one sentence is left in the
+    document; else at the document end. The first e reaching the length is a bisection of the prefix sums.
+    """
+    extend = rows.extend
+    for s, end in spans:
+        t = next_target()  # one draw when a document starts ...
+        while True:
+            e = bisect_left(cum, cum[s] + t, s + 1, end)  # first e with sum(sizes[s:e]) >= t, or end
+            if e < s + min_num_sent:
+                e = s + min_num_sent
+            if e > end - 2:  # would leave a single sentence (or none): take the rest of the document
+                e = end
+            extend((s + base, e + base, t))
+            t = next_target()  # ... and one after every sample, the document's last included
+            if e == end:
+                break
+            s = e
 
 
 def build_sample_mapping(
@@ -194,65 +275,61 @@ def build_sample_mapping(
     """Megatron's `helpers.build_mapping`: [N, 3] (first sentence, end sentence, target length), shuffled.
 
     docs: int64 [D + 1] sentence boundaries of the split's documents; sizes: int32 sentence lengths;
-    max_num_samples None = one epoch, no limit. See the module docstring for the rules.
+    max_num_samples None = one epoch, no limit. See the module docstring for the rules. Rows grow in a
+    compact `array.array` (12 bytes a row, uint32 as Megatron's unless there are more than 2**32
+    sentences) and are shuffled in place, so a build needs about 20 bytes a row at its peak; the loop
+    runs once per sample (a bisection within the document), not once per sentence.
     """
     assert max_seq_length > 1 and 0 <= short_seq_prob <= 1 and num_epochs > 0
     docs = np.asarray(docs, dtype=np.int64)
     sizes = np.asarray(sizes)
+    wide = len(sizes) > np.iinfo(np.uint32).max
+    dtype, code = (np.uint64, "Q") if wide else (np.uint32, "I")
+    assert array.array(code).itemsize == np.dtype(dtype).itemsize
     ratio = int(round(1.0 / short_seq_prob)) if short_seq_prob > 0 else 0
-    rand32 = _MT19937Stream(seed)
+    if ratio == 0:
+        next_target = itertools.repeat(max_seq_length).__next__
+    else:
+        next_target = _MT19937Stream(seed).targets(ratio, max_seq_length).__next__
 
-    def target() -> int:
-        if ratio == 0:
-            return max_seq_length
-        r = rand32.next()
-        return 2 + r % (max_seq_length - 1) if r % ratio == 0 else max_seq_length
-
-    # Documents that yield samples: enough sentences, and no long sentence unless the only one.
-    first, last = docs[:-1], docs[1:]
-    count = last - first
-    long_sentence = np.zeros(len(count), dtype=bool)
-    if len(sizes):
-        is_long = np.concatenate([[0], np.cumsum(sizes > LONG_SENTENCE_LEN)])  # prefix counts
-        long_sentence = (count > 1) & (is_long[last] - is_long[first] > 0)
-    used = np.flatnonzero((count >= min_num_sent) & ~long_sentence)
-    spans = [(int(first[d]), int(last[d])) for d in used]
-    lengths = sizes.tolist() if len(sizes) else []
-
-    def one_epoch(rows: list) -> None:
-        for beg, end in spans:
-            start, seq_len, num_sent, remain, want = beg, 0, 0, end - beg, target()
-            for i in range(beg, end):
-                seq_len += lengths[i]
-                num_sent += 1
-                remain -= 1
-                if (seq_len >= want and remain > 1 and num_sent >= min_num_sent) or remain == 0:
-                    rows.append((start, i + 1, want))
-                    start, seq_len, num_sent, want = i + 1, 0, 0, target()
-
+    blocks = _blocks(docs) if len(docs) > 1 else []
+    single = [_block_tables(docs, sizes, *blocks[0], min_num_sent)] if len(blocks) == 1 else None
     limit = math.inf if max_num_samples is None else max_num_samples
-    rows: list = []
-    one_epoch(rows)
-    per_epoch = len(rows)  # 0: nothing usable, the caller reports it
-    for _ in range(1, num_epochs if max_num_samples is not None else 1):
-        if len(rows) >= limit or per_epoch == 0:
+    rows = array.array(code)
+    per_epoch = 0
+    for epoch in range(num_epochs if max_num_samples is not None else 1):
+        if len(rows) // 3 >= limit or (epoch > 0 and per_epoch == 0):
             break
-        if ratio == 0:  # no draws: every epoch is the first one again
-            rows.extend(rows[:per_epoch])
-        else:
-            one_epoch(rows)
-    n = len(rows)
-    dtype = np.uint64 if len(sizes) > np.iinfo(np.uint32).max else np.uint32
-    mapping = np.array(rows, dtype=dtype).reshape(n, 3)
-    if n > 1:  # Fisher-Yates with mt19937_64(seed + 1), from the last row down
-        draws = mt19937_64(seed + 1, n - 1)  # [n - 1]
-        bounds = np.arange(n, 1, -1, dtype=np.uint64)  # i + 1 for i = n-1 .. 1
-        picks = (draws % bounds).tolist()
-        perm = list(range(n))
-        for i, j in zip(range(n - 1, 0, -1), picks):
-            perm[i], perm[j] = perm[j], perm[i]
-        mapping = mapping[perm]
+        if epoch > 0 and ratio == 0:  # no draws: every epoch is the first one again
+            rows.extend(rows[: 3 * per_epoch])
+            continue
+        for tables in single or (_block_tables(docs, sizes, d0, d1, min_num_sent) for d0, d1 in blocks):
+            _walk_block(rows, *tables, min_num_sent, next_target)
+        if epoch == 0:
+            per_epoch = len(rows) // 3  # 0: nothing usable, the caller reports it
+    mapping = np.frombuffer(rows, dtype=dtype).reshape(-1, 3) if len(rows) else np.zeros((0, 3), dtype)
+    _shuffle_rows(mapping, seed + 1)
     return mapping
+
+
+def _shuffle_rows(mapping: np.ndarray, seed: int) -> None:
+    """Megatron's Fisher-Yates with std::mt19937_64(seed): for i = n-1 .. 1, swap rows i and draw % (i+1).
+
+    The swaps run on a permutation (4 or 8 bytes a row), applied to the rows one column at a time."""
+    n = mapping.shape[0]
+    if n < 2:
+        return
+    perm = np.arange(n, dtype=np.uint32 if n <= np.iinfo(np.uint32).max else np.uint64)  # [n]
+    p = memoryview(perm)
+    rand64 = _MT19937_64(seed)
+    for hi in range(n - 1, 0, -_SHUFFLE_BLOCK):  # i = hi, hi-1, ..., down to max(lo, 1)
+        lo = max(hi - _SHUFFLE_BLOCK, 0)
+        bounds = np.arange(hi + 1, lo + 1, -1, dtype=np.uint64)  # [hi - lo] i + 1 for i = hi .. lo+1
+        picks = (rand64.next(hi - lo) % bounds).tolist()
+        for i, j in zip(range(hi, lo, -1), picks):
+            p[i], p[j] = p[j], p[i]
+    for c in range(3):
+        mapping[:, c] = mapping[perm, c]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,10 +542,50 @@ def build_bert_datasets(config: BertDatasetConfig, num_samples: Sequence[Optiona
     assert len(sizes) == 3, "num_samples is (train, valid, test)"
     prefixes, weights = config.blend
     indexed = [IndexedDataset(p) for p in prefixes]  # a missing or broken file fails before any work
-    if len(prefixes) == 1 and weights is None:
-        return tuple(_build_splits(config, prefixes[0], indexed[0], sizes))
-    return build_blended_splits(
-        prefixes, weights, sizes, config.split_matrix,
-        lambda k, part_sizes: _build_splits(config, prefixes[k], indexed[k], part_sizes),
-        config.cache_dir, "without a document that makes a BERT sample",
-    )
+    for x in indexed:  # ids beyond the vocabulary, found at start-up (one cached scan per file version)
+        check_token_ids(x, config.tokenizer.vocab_size, config.cache_dir)
+
+    def build() -> tuple:
+        if len(prefixes) == 1 and weights is None:
+            return tuple(_build_splits(config, prefixes[0], indexed[0], sizes))
+        return build_blended_splits(
+            prefixes, weights, sizes, config.split_matrix,
+            lambda k, part_sizes: _build_splits(config, prefixes[k], indexed[k], part_sizes),
+            config.cache_dir, "without a document that makes a BERT sample",
+        )
+
+    return on_rank_0_first(build)
+
+
+def on_rank_0_first(build: Callable[[], Any]) -> Any:
+    """`build()` on global rank 0, then, after a collective, on the other ranks.
+
+    Rank 0 builds the sample indices and writes them to the cache; the others then find the files and
+    memory-map them (cached_arrays) instead of each spending the build's time and memory, as Megatron's
+    builder does. Where a rank cannot see rank 0's cache folder (a node-local path) it builds its own copy,
+    byte-identical. A UserError on rank 0 is raised on every rank, so none waits forever. The wait runs
+    in a CPU (gloo) group of its own whose timeout outlasts a long build (the default group's 10 minutes
+    would not); if rank 0 dies instead, torchrun stops the others.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return build()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=_BUILD_WAIT_HOURS))
+    result, failure, message = None, None, [None]
+    if dist.get_rank() == 0:
+        try:
+            result = build()
+        except Exception as e:  # every rank must reach the collective below
+            failure = e
+            message[0] = str(e) if isinstance(e, UserError) else (
+                f"rank 0 failed building the BERT datasets ({type(e).__name__}: {e}); see its traceback")
+    dist.broadcast_object_list(message, src=0, group=group)
+    dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise UserError(message[0])
+    return result if dist.get_rank() == 0 else build()

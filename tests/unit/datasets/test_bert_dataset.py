@@ -3,6 +3,7 @@ have (masking rate and 80/10/10, SOP balance and meaning, [CLS] A [SEP] B [SEP] 
 words), determinism, the on-disk cache and user errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -141,8 +142,13 @@ def test_rngs_match_the_cpp_standard():
     assert bert_module._MT19937Stream(5489)._bits.random_raw(10000)[-1] == 4123659995
 
 
+@pytest.mark.parametrize("blocks", ["default", "tiny"])
 @pytest.mark.parametrize("name", list(MAPPING_CASES))
-def test_sample_mapping_matches_megatron_core_cpp(oracle, name):
+def test_sample_mapping_matches_megatron_core_cpp(oracle, name, blocks, monkeypatch):
+    if blocks == "tiny":  # many sentence blocks, target and shuffle draws across block ends: same rows
+        monkeypatch.setattr(bert_module, "_BLOCK_SENTENCES", 7)
+        monkeypatch.setattr(bert_module, "_TARGET_BLOCK", 3)
+        monkeypatch.setattr(bert_module, "_SHUFFLE_BLOCK", 5)
     docs, sizes = mapping_inputs()
     max_len, short, min_sent, epochs, max_n, seed = MAPPING_CASES[name]
     ours = build_sample_mapping(docs, sizes, epochs, max_n, max_len, short, seed, min_sent)
@@ -311,9 +317,10 @@ def test_deterministic_per_sample_and_seed(data):
 def test_index_is_cached_and_reused(data, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first, _, _ = build_bert_datasets(config(data, data_cache_path=str(cache)), [80, 0, 0])
-    names = sorted(p.name for p in cache.iterdir())
+    names = sorted(p.name for p in cache.iterdir() if "BertDataset" in p.name)
     assert len(names) == 2 and names[0].endswith("-BertDataset-train-description.txt")
     assert names[1].endswith("-BertDataset-train-sample_index.npy")
+    assert len(list(cache.glob("*-token_range.json"))) == 1  # the start-up token-id check, cached beside
     assert json.loads((cache / names[0]).read_text())["num_samples"] == 80
 
     def no_build(*args, **kwargs):
@@ -325,7 +332,7 @@ def test_index_is_cached_and_reused(data, tmp_path, monkeypatch):
     np.testing.assert_array_equal(again.sample_index, first.sample_index)
     monkeypatch.undo()
     build_bert_datasets(config(data, data_cache_path=str(cache), short_seq_prob=0.2), [80, 0, 0])
-    assert len(list(cache.iterdir())) == 4  # another setting: new entries beside the old
+    assert len(list(cache.glob("*BertDataset*"))) == 4  # another setting: new entries beside the old
 
 
 def test_default_cache_is_next_to_the_data(data):
@@ -369,7 +376,41 @@ def test_user_errors(data, tmp_path):
     small = tmp_path / "small.txt"  # a 100-piece vocab: the data's ids (up to 2000) do not fit
     small.write_text("\n".join(SPECIALS + [f"w{i}" for i in range(95)]) + "\n", encoding="utf-8")
     cfg = BertDatasetConfig(seq_length=64, data_path=[data["prefix"]], split="1,0,0",
-                            data_cache_path=str(tmp_path / "c"), tokenizer=BertWordPieceTokenizer(str(small)))
-    (ds, _, _) = build_bert_datasets(cfg, [5, 0, 0])
+                            data_cache_path=str(tmp_path / "small-cache"), tokenizer=BertWordPieceTokenizer(str(small)))
     with pytest.raises(UserError, match="token id .* is outside this tokenizer's vocab of 102"):
-        ds[0]
+        build_bert_datasets(cfg, [5, 0, 0])  # at start-up, before any index is built
+    assert not (tmp_path / "small-cache").exists()
+
+
+# -- several ranks: rank 0 builds, the others memory-map its cache ---------------------------------------
+def _ranks_build(rank, world_size, data, out_dir, bad):
+    if rank != 0:  # only rank 0 may build; the others must find its files
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"rank {rank} built a sample index")
+
+        bert_module.build_sample_mapping = refuse
+    # bad: a train split without documents; rank 0's error must reach every rank, none may hang
+    cfg = config(data, data_cache_path=os.path.join(out_dir, "cache"), split="1,100000,0" if bad else "90,8,2")
+    try:
+        train, _, _ = build_bert_datasets(cfg, [50, 0, 0])
+    except UserError as e:
+        result = {"error": str(e)}
+    else:
+        result = {"memmap": isinstance(train.sample_index, np.memmap), "index": np.asarray(train.sample_index).tolist()}
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_rank_0_builds_the_index_and_the_others_map_it(data, tmp_path, bad):
+    from tests.distributed.launcher import run_distributed
+
+    run_distributed(_ranks_build, world_size=3, args=(data, str(tmp_path), bad), hang_after_s=120)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(3)]
+    if bad:
+        assert all(g == got[0] for g in got) and "the train split of" in got[0]["error"], got
+        return
+    alone, _, _ = build_bert_datasets(config(data, data_cache_path=str(tmp_path / "alone")), [50, 0, 0])
+    for rank, g in enumerate(got):
+        assert g["index"] == np.asarray(alone.sample_index).tolist(), rank  # as one process builds it
+        assert g["memmap"] == (rank != 0), rank  # rank 0 keeps what it built, the others map its file
