@@ -1,7 +1,7 @@
 """Convert a checkpoint between tensor- (TP) and pipeline-parallel (PP) layouts.
 
 Evaluation and export read one unsharded model; a run resumed on other hardware wants another TP/PP.
-This tool merges whatever layout training wrote and splits it for the target sizes:
+This tool merges whatever layout training wrote (GPT or BERT) and splits it for the target sizes:
 
     python tools/checkpoint_util.py --load ckpt/tp2pp2 --save ckpt/merged --merge
     python tools/checkpoint_util.py --load ckpt/merged --save ckpt/tp4pp2 \
@@ -12,10 +12,13 @@ is known (rebuilt from the saved tokenizer flags, or `--true-vocab-size`); paddi
 added as zeros. The output keeps args (with the new sizes), iteration, the model and the counters;
 optimizer and RNG states are dropped because they only make sense in the layout that wrote them, so
 resume with `--no-load-optim --no-load-rng` (or `--finetune`). Nothing is written unless the whole conversion
-succeeds; the tracker file is replaced last. Logic: megatron/training/checkpoint_layout.py.
+succeeds: the files go through the trainer's crash-safe save protocol, the tracker file replaced last. A
+full disk or a permission error is one `error:` line (exit 2) like any bad input. Logic:
+megatron/training/checkpoint_layout.py.
 """
 
-import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,16 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.training.checkpoint_layout import RESUME_HINT, convert_checkpoint  # noqa: E402
-from megatron.training.cli import run_cli  # noqa: E402
+from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise UserError(f"{message} (see --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Merge or re-split a Megatron checkpoint for other TP/PP sizes.", allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Merge or re-split a Megatron checkpoint for other TP/PP sizes.")
     p.add_argument("--load", required=True, help="checkpoint root (holds latest_checkpointed_iteration.txt)")
     p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the tracker's)")
     p.add_argument("--save", required=True, help="output root; must differ from --load")
@@ -56,10 +54,27 @@ def target_sizes(args) -> tuple:
     return tp, pp
 
 
+def convert(args, tp: int, pp: int) -> dict:
+    """convert_checkpoint, with a file-system failure (a full disk, no permission) as one `error:` line
+    instead of a traceback; a --save folder this run created is removed again, so nothing half-written
+    stays (the library already writes through a temporary folder and replaces the tracker last)."""
+    created = not os.path.exists(args.save)
+    try:
+        return convert_checkpoint(args.load, args.save, tp, pp, args.iteration, args.true_vocab_size)
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        if created:
+            shutil.rmtree(args.save, ignore_errors=True)
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"cannot convert {args.load} to {args.save}: {e.strerror or e}{where}; no partial "
+                        f"checkpoint was left in {args.save}") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     tp, pp = target_sizes(args)
-    s = convert_checkpoint(args.load, args.save, tp, pp, args.iteration, args.true_vocab_size)
+    s = convert(args, tp, pp)
     print(f"converted iteration {s['iteration']}: TP={s['source'][0]} PP={s['source'][1]} -> "
           f"TP={tp} PP={pp} ({s['files']} files) in {args.save}")
     print(f"parameters: {s['parameters']:,}")

@@ -19,6 +19,9 @@ names loadable; tests/reliability/test_crash_safe_saves.py kills saves at random
     `iter_X.tmp` is renamed to `iter_X`.
  5. the tracker is written to a temporary file, fsynced and renamed over the old one: the commit.
  6. `iter_X.old` is removed.
+ A failure of steps 4-5 on rank 0 (a full disk under the tracker's temporary file) is agreed the same
+ way as step 3: rank 0 undoes its renames (`iter_X` back to `iter_X.tmp`, `iter_X.old` back to
+ `iter_X`) and every rank raises the same kind of one-line error, instead of waiting in a barrier.
 
 Readers look only at the tracker and complete `iter_X` folders, or at `iter_X.old` when `iter_X` is
 missing (the instant between the two renames of step 4). A half-written folder is never loaded.
@@ -28,7 +31,7 @@ import os
 import random
 import re
 import shutil
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -132,7 +135,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_durably(obj, path: str) -> None:
+def write_durably(obj, path: str) -> None:
+    """torch.save through `path.part`, fsynced, then renamed: `path` is whole or absent, never half written."""
     with open(path + ".part", "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -210,36 +214,93 @@ def save_checkpoint(root: str, iteration: int, state: dict, tp_rank: int = 0, pp
         tmp_file = os.path.join(tmp_dir, rel)
         try:
             os.makedirs(os.path.dirname(tmp_file), exist_ok=True)
-            _write_durably({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, tmp_file)
+            write_durably({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, tmp_file)
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below, or the others hang
             error = e
     if not all_ranks_ok(error is None):
-        if _is_rank0():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        _barrier()
-        if error is not None and not isinstance(error, OSError):
-            raise error  # a bug, not the disk: keep its traceback
-        where = f" ({error.strerror or error})" if error is not None else " on another rank"
-        previous = read_tracker_or_none(root)
-        kept = f"the checkpoint of iteration {previous} is intact" if previous is not None else "nothing was saved"
-        raise CheckpointWriteError(f"cannot write the checkpoint of iteration {iteration} to {root}{where}; {kept}")
+        _fail_save(root, iteration, tmp_dir, error)
     if _is_rank0():
-        aside = final_dir + ".old"
+        error = _commit(root, iteration, tmp_dir, final_dir)
+    if not all_ranks_ok(error is None):  # also the barrier: no rank returns before the commit
+        _fail_save(root, iteration, tmp_dir, error)
+    return os.path.join(final_dir, rel)
+
+
+def _commit(root: str, iteration: int, tmp_dir: str, final_dir: str) -> Optional[BaseException]:
+    """Steps 4-6 on rank 0; returns the error instead of raising, so every rank learns the outcome. A
+    failure before the tracker moved (a full disk under the tracker's temporary file) undoes the renames:
+    the new folder goes back to `.tmp` (never loaded), the old copy of a re-save back to its name."""
+    aside = final_dir + ".old"
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    moved_old = moved_new = False
+    try:
         if os.path.isdir(final_dir):  # re-saving this iteration: keep the old copy until the commit
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final_dir, aside)
+            moved_old = True
         os.replace(tmp_dir, final_dir)
+        moved_new = True
         _fsync_dir(root)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
-        _fsync_dir(root)
-        shutil.rmtree(aside, ignore_errors=True)
+    except Exception as e:  # noqa: BLE001 - the other ranks wait for this outcome in all_ranks_ok
+        try:
+            if moved_new:
+                os.replace(final_dir, tmp_dir)
+            if moved_old:
+                os.replace(aside, final_dir)
+            if os.path.exists(tracker_tmp):
+                os.remove(tracker_tmp)
+        except OSError:
+            pass  # what is left, the next save's step 1 settles (.tmp removed, .old restored)
+        return e
+    _fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
+    return None
+
+
+def _fail_save(root: str, iteration: int, tmp_dir: str, error: Optional[BaseException]) -> None:
+    """Every rank, once they agreed that the save failed: rank 0 removes the temporary folder, then each
+    raises one line (the cause on the failing rank, "on another rank" elsewhere)."""
+    if _is_rank0():
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     _barrier()
-    return os.path.join(final_dir, rel)
+    if error is not None and not isinstance(error, OSError):
+        raise error  # a bug, not the disk: keep its traceback
+    where = f" ({error.strerror or error})" if error is not None else " on another rank"
+    previous = read_tracker_or_none(root)
+    kept = f"the checkpoint of iteration {previous} is intact" if previous is not None else "nothing was saved"
+    raise CheckpointWriteError(f"cannot write the checkpoint of iteration {iteration} to {root}{where}; {kept}")
+
+
+
+def write_checkpoint_files(root: str, iteration: int, files: Dict[str, dict],
+                           report: Callable[[str], None] = print) -> None:
+    """One process writes a whole checkpoint (tools/checkpoint_util.py writes every rank's file itself):
+    `files` maps a path relative to `iter_X/` to its contents. Same protocol as `save_checkpoint`:
+    leftovers settled, each file through an fsynced `.part` under `iter_X.tmp`, then the commit. On a
+    failure the partial folder is removed and the previous checkpoint stays loadable; the error (an
+    OSError for the disk) is re-raised for the caller to word."""
+    final_dir = checkpoint_dir(root, iteration)
+    tmp_dir, error = final_dir + ".tmp", None
+    try:
+        os.makedirs(root, exist_ok=True)
+        for note in clear_interrupted_saves(root):
+            report(f"WARNING: {note}")
+        for rel, payload in files.items():
+            path = os.path.join(tmp_dir, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_durably(payload, path)
+    except BaseException as e:  # noqa: BLE001 - also on Ctrl-C: no partial folder stays behind
+        error = e
+    if error is None:
+        error = _commit(root, iteration, tmp_dir, final_dir)  # undoes its renames when it fails
+    if error is not None:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise error
 
 
 # ---- reading --------------------------------------------------------------------------------------

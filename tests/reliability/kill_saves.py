@@ -1,11 +1,13 @@
 """Kill checkpoint saves at any moment; the latest checkpoint must still load, whole.
 
-    python tests/reliability/kill_saves.py random ROOT TRIALS SEED   # SIGKILL after a random delay
+    python tests/reliability/kill_saves.py random ROOT TRIALS SEED   # SIGKILL at a random moment
     python tests/reliability/kill_saves.py steps ROOT                # die before each file-system step
 
 Prints one JSON summary line. A forked child saves in a loop through the real `save_checkpoint`, every
 iteration twice (a new folder, then a re-save of the same iteration, which swaps folders), and reports
-each completed save on a pipe. After the kill the parent loads the latest checkpoint as the trainer does
+each completed save on a pipe. The parent lets 0-2 saves complete, then kills the child after a random
+fraction of one save's duration (measured first, so the kills land inside saves on a fast machine and
+on a loaded one alike). After the kill the parent loads the latest checkpoint as the trainer does
 (no fallback) and checks it: it loads, every tensor holds the value written for its (iteration,
 version), and it is not older than the last save the child completed. `steps` makes the child exit
 (os._exit: no cleanup runs) just before the k-th file-system call of one save, for every k, for the
@@ -58,9 +60,31 @@ def _saver(root: str, fd: int) -> None:
             os.write(fd, f"{iteration} {version}\n".encode())
 
 
+def _save_seconds(root: str) -> float:
+    """How long one save (a new iteration, then a re-save) takes on this machine now."""
+    scratch = os.path.join(root, "pace")
+    start = time.monotonic()
+    for version in (1, 2):
+        ck.save_checkpoint(scratch, 1, state(1, version), **QUIET)
+    shutil.rmtree(scratch)
+    return (time.monotonic() - start) / 2
+
+
+def _read_reports(fd: int, count: int) -> bytes:
+    """What the child wrote once it reported `count` completed saves (or closed the pipe)."""
+    data = b""
+    while data.count(b"\n") < count:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def random_kills(root: str, trials: int, seed: int) -> dict:
     rng = random.Random(seed)
     loaded, problems, leftovers, last_done = [], [], 0, None
+    pace = _save_seconds(root)
     for trial in range(trials):
         r, w = os.pipe()
         pid = os.fork()
@@ -71,11 +95,12 @@ def random_kills(root: str, trials: int, seed: int) -> dict:
             finally:
                 os._exit(0)
         os.close(w)
-        time.sleep(rng.uniform(0.0, 0.03))
+        reports = _read_reports(r, rng.randint(0, 2))
+        time.sleep(rng.uniform(0.0, 1.5 * pace))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        with os.fdopen(r) as f:
-            lines = f.read().split()
+        with os.fdopen(r, "rb") as f:
+            lines = (reports + f.read()).decode().split()
         if len(lines) >= 2:
             last_done = (int(lines[-2]), int(lines[-1]))
         names = [n for _, dirs, files in os.walk(root) for n in dirs + files]

@@ -1,26 +1,37 @@
 """Loading checkpoints that are damaged, half-written, malicious or of another model: one clear line, or
 with --load-fallback the newest loadable older iteration; a pickled payload never runs."""
 
+import argparse
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from megatron.core.errors import UserError
 from megatron.evaluation.checkpoint_model import load_gpt_checkpoint
+from megatron.training.trainer import check_model_flags
 from tests.reliability.common import NO_EVAL, TINY, run_inprocess, train_records
 from tests.scripts import load_script
 
-MARKER = "/tmp/megatron_ltd_payload_ran"
 FILE4 = "iter_0000004/mp_rank_00/model_optim_rng.pt"
 
 
 class Payload:
     """What an attacker pickles: unpickling calls os.system (a shell command that leaves a marker)."""
 
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return os.system, (f"touch {MARKER}",)
+        return os.system, (f"touch {self.marker}",)
+
+
+def marker(ck):
+    """The file the payload planted in `ck` creates if it ever runs (beside `ck`, fresh for each test)."""
+    return ck.parent / "payload_ran"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +45,7 @@ def base(tmp_path_factory):
 
 def malicious(ck, name=FILE4):
     good = torch.load(ck / name, weights_only=True)
-    torch.save({**good, "rng_state": Payload()}, ck / name)  # everything else intact
+    torch.save({**good, "rng_state": Payload(marker(ck))}, ck / name)  # everything else intact
 
 
 def truncate(path):
@@ -68,7 +79,7 @@ def test_damaged_checkpoint_fails_clearly_or_falls_back(tmp_path, capsys, base, 
     out = capsys.readouterr().out
     assert f"--load-fallback: trying iteration {fallback_iteration}" in out and needle in out
     assert train_records(tmp_path / "m.jsonl")[0]["iteration"] == fallback_iteration + 1
-    assert not os.path.exists(MARKER)
+    assert not marker(ck).exists()
 
 
 def test_missing_tracker_resumes_from_the_newest_complete_iteration(tmp_path, capsys, base):
@@ -90,7 +101,7 @@ def test_nothing_loadable_even_with_fallback(tmp_path, capsys, base):
     malicious(ck, FILE4.replace("4", "2"))
     assert run_inprocess(TINY + NO_EVAL + ["--train-iters", "6", "--load", str(ck), "--load-fallback"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: no loadable checkpoint in {ck}: refused checkpoint") and not os.path.exists(MARKER)
+    assert err.startswith(f"error: no loadable checkpoint in {ck}: refused checkpoint") and not marker(ck).exists()
 
 
 def test_half_written_folder_is_ignored_reported_and_removed(tmp_path, capsys, base):
@@ -108,14 +119,20 @@ def test_half_written_folder_is_ignored_reported_and_removed(tmp_path, capsys, b
 
 
 def test_payload_is_refused_by_evaluation_and_conversion(tmp_path, base):
+    """Our refusal, never torch's raw "Weights only load failed"; and the planted payload is live: a full
+    unpickle (in a child process) does run it, so the refusal is what kept it from running here."""
     ck = tmp_path / "ck"
     shutil.copytree(base, ck)
     malicious(ck)
-    with pytest.raises(UserError, match="pickled Python object|Weights only load failed"):
+    refusal = r"^refused checkpoint .*: it holds a pickled Python object \(posix\.system\), which is never run"
+    with pytest.raises(UserError, match=refusal):
         load_gpt_checkpoint(str(ck))
-    with pytest.raises(UserError, match="pickled Python object|Weights only load failed"):
+    with pytest.raises(UserError, match=refusal):
         load_script("tools/checkpoint_util.py").main(["--load", str(ck), "--save", str(tmp_path / "out"), "--merge"])
-    assert not os.path.exists(MARKER) and not (tmp_path / "out").exists()
+    assert not marker(ck).exists() and not (tmp_path / "out").exists()
+    unsafe = "import sys, torch; torch.load(sys.argv[1], weights_only=False)"
+    subprocess.run([sys.executable, "-c", unsafe, str(ck / FILE4)], check=True, timeout=120, capture_output=True)
+    assert marker(ck).exists()
 
 
 def test_evaluation_of_a_folder_with_only_a_half_written_save(tmp_path, base):
@@ -130,22 +147,54 @@ def test_evaluation_of_a_folder_with_only_a_half_written_save(tmp_path, base):
     (["--swiglu"], None, "--swiglu False in the checkpoint, True here"),
     ([], lambda ck: shutil.copytree(ck / "iter_0000004/mp_rank_00", ck / "iter_0000004/mp_rank_01"),
      "was saved with tensor x pipeline parallel 2 x 1, this run uses 1 x 1"),
-], ids=["shape", "swiglu", "layout"])
+    (["--max-position-embeddings", "64", "--norm-epsilon", "1e-6"], None,
+     "--norm-epsilon 1e-05 in the checkpoint, 1e-06 here; --max-position-embeddings 32 in the checkpoint, 64 here"),
+    (["--max-position-embeddings", "64", "--disable-bias-linear"], lambda ck: forget_args(
+        ck, "max_position_embeddings", "disable_bias_linear"),
+     "4 in {ck} does not fit this model: unexpected keys decoder.layers.0.self_attention.linear_qkv.bias, "
+     "decoder.layers.0.self_attention.linear_proj.bias, decoder.layers.0.mlp.linear_fc1.bias (+13 more); "
+     "shapes differ: embedding.position_embeddings.weight [32, 32] in the checkpoint, [64, 32] here"),
+], ids=["shape", "swiglu", "layout", "positions-epsilon", "older-args-state-dict"])
 def test_mismatch_says_what_differs(tmp_path, capsys, base, flags, damage, needle):
+    """Every differing model flag in one line; for a checkpoint whose args do not record a flag (older
+    runs), the state-dict mismatch itself: the keys and the shapes that differ."""
     ck = tmp_path / "ck"
     shutil.copytree(base, ck)
     if damage:
         damage(ck)
     assert run_inprocess(TINY + NO_EVAL + ["--train-iters", "6", "--load", str(ck)] + flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
+    assert len(err) == 1 and err[0].startswith("error: checkpoint iteration ") and needle.format(ck=ck) in err[0], err
+
+
+def forget_args(ck, *keys):
+    """The tracker's checkpoint as an older run wrote it: its args do not record `keys`."""
+    ckpt = torch.load(ck / FILE4, weights_only=True)
+    torch.save({**ckpt, "args": {k: v for k, v in ckpt["args"].items() if k not in keys}}, ck / FILE4)
+
+
+def test_position_and_bert_flags_are_compared_where_they_matter():
+    """rope has no position table (its size may change), learned positions no base; BERT's
+    --bert-no-binary-head is named as the user types it."""
+    saved = dict(position_embedding_type="rope", rotary_base=10000, max_position_embeddings=32,
+                 norm_epsilon=1e-5, bert_binary_head=True)
+    check_model_flags(saved, argparse.Namespace(**{**saved, "max_position_embeddings": 64}), "ck")
+    with pytest.raises(UserError, match=r"^ck has another model: --bert-no-binary-head False in the checkpoint, "
+                                        r"True here; --rotary-base 10000 in the checkpoint, 500000 here; "):
+        check_model_flags(saved, argparse.Namespace(**{**saved, "rotary_base": 500000, "bert_binary_head": False}),
+                          "ck")
+    learned = {**saved, "position_embedding_type": "learned_absolute"}
+    check_model_flags(learned, argparse.Namespace(**{**learned, "rotary_base": 500000}), "ck")
+    with pytest.raises(UserError, match="--max-position-embeddings 32 in the checkpoint, 64 here"):
+        check_model_flags(learned, argparse.Namespace(**{**learned, "max_position_embeddings": 64}), "ck")
 
 
 def test_finetune_no_load_optim_no_load_rng(tmp_path, base):
     """Straight 6 iterations vs resuming the same run's iteration 4 with each flag (dropout is on)."""
     argv = TINY + NO_EVAL + ["--train-iters", "6"]
     assert run_inprocess(argv + ["--log-json", str(tmp_path / "s.jsonl")]) == 0
-    straight = [r["lm_loss"] for r in train_records(tmp_path / "s.jsonl")]
+    straight_records = train_records(tmp_path / "s.jsonl")
+    straight = [r["lm_loss"] for r in straight_records]
     runs = {}
     for flag in ("--finetune", "--no-load-optim", "--no-load-rng"):
         log = tmp_path / f"{flag}.jsonl"
@@ -156,7 +205,16 @@ def test_finetune_no_load_optim_no_load_rng(tmp_path, base):
     opt, rng = runs["--no-load-optim"], runs["--no-load-rng"]
     assert [r["iteration"] for r in opt] == [r["iteration"] for r in rng] == [5, 6]
     assert opt[0]["lm_loss"] == straight[4] and opt[1]["lm_loss"] != straight[5]  # fresh Adam moments
+    assert [r["lr"] for r in opt] == [r["lr"] for r in straight_records[4:]]  # the LR schedule carries on
     assert rng[0]["lm_loss"] != straight[4]  # other dropout masks
+
+    # --finetune did load the weights: one step at LR 0 saves exactly the checkpoint's tensors
+    out = tmp_path / "ft"
+    assert run_inprocess(TINY + NO_EVAL + ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--lr-warmup-iters",
+                                           "0", "--load", str(base), "--finetune", "--save", str(out)]) == 0
+    source = torch.load(base / FILE4, weights_only=True)["model"]
+    saved = torch.load(out / "iter_0000001/mp_rank_00/model_optim_rng.pt", weights_only=True)["model"]
+    assert list(saved) == list(source) and all(torch.equal(saved[k], source[k]) for k in source)
 
 
 def test_every_torch_load_in_the_code_is_weights_only():

@@ -1,6 +1,8 @@
 """Preemption: SIGTERM/SIGINT with --exit-signal-handler, --exit-duration-in-mins, --exit-interval.
 Each finishes the iteration, saves, exits 0; resuming gives the losses of an uninterrupted run."""
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -8,9 +10,9 @@ import sys
 import time
 
 from megatron.training import checkpointing
-from tests.distributed.launcher import run_distributed
+from tests.distributed.launcher import GLOO, run_distributed
 from tests.functional.gpt_cli import REPO
-from tests.reliability.common import TINY, load_entry, read_json_lines, run_inprocess, train_records
+from tests.reliability.common import NO_EVAL, TINY, load_entry, read_json_lines, run_inprocess, train_records
 
 RUN = TINY + ["--train-iters", "12", "--hidden-dropout", "0.1", "--eval-interval", "4", "--eval-iters", "1",
               "--exit-signal-handler"]
@@ -75,7 +77,7 @@ def _signal_one_rank(rank, world, argv):
     assert run_inprocess(argv) == 0
 
 
-def _train_failing_writes_on_rank_1(rank, world, argv, fail):
+def _train_failing_writes_on_rank_1(rank, world, argv, fail, out):
     import torch
 
     if fail and rank == 1:
@@ -83,25 +85,62 @@ def _train_failing_writes_on_rank_1(rank, world, argv, fail):
             raise OSError(28, "No space left on device")
 
         torch.save = full_disk
-    assert run_inprocess(argv) == (2 if fail else 0)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run_inprocess(argv) == (2 if fail else 0)
+    (out / f"rank{rank}.err").write_text(err.getvalue())
 
 
 def test_ranks_agree_on_stops_and_on_failed_saves(tmp_path):
     """Two gloo ranks. A signal reaching only rank 1 stops both after the same iteration, with one
     checkpoint; a write failing only on rank 1 fails the save on both (no hang), previous kept."""
-    argv = TINY + ["--train-iters", "8", "--eval-iters", "0", "--exit-signal-handler", "--save", str(tmp_path / "s"),
-                   "--log-json", str(tmp_path / "s.jsonl")]
-    run_distributed(_signal_one_rank, world_size=2, args=(argv,))
+    argv = TINY + GLOO + ["--train-iters", "8", "--eval-iters", "0", "--exit-signal-handler",
+                          "--save", str(tmp_path / "s"), "--log-json", str(tmp_path / "s.jsonl")]
+    run_distributed(_signal_one_rank, world_size=2, args=(argv,), hang_after_s=300)
     assert [r["iteration"] for r in train_records(tmp_path / "s.jsonl")] == [1, 2, 3]
     assert checkpointing.complete_iterations(str(tmp_path / "s")) == [3]
     assert checkpointing.read_tracker(str(tmp_path / "s")) == 3
 
-    tp2 = TINY + ["--eval-iters", "0", "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "w"),
-                  "--save-interval", "2", "--train-iters", "4"]
-    run_distributed(_train_failing_writes_on_rank_1, world_size=2, args=(tp2 + ["--exit-interval", "2"], False))
-    run_distributed(_train_failing_writes_on_rank_1, world_size=2, args=(tp2 + ["--load", str(tmp_path / "w")], True))
+    tp2 = TINY + GLOO + ["--eval-iters", "0", "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "w"),
+                         "--save-interval", "2", "--train-iters", "4"]
+    run_distributed(_train_failing_writes_on_rank_1, world_size=2,
+                    args=(tp2 + ["--exit-interval", "2"], False, tmp_path), hang_after_s=300)
+    run_distributed(_train_failing_writes_on_rank_1, world_size=2,
+                    args=(tp2 + ["--load", str(tmp_path / "w")], True, tmp_path), hang_after_s=300)
     assert checkpointing.read_tracker(str(tmp_path / "w")) == 2
     assert sorted(os.listdir(tmp_path / "w")) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    head = f"error: cannot write the checkpoint of iteration 4 to {tmp_path / 'w'}"
+    kept = "the checkpoint of iteration 2 is intact"
+    assert (tmp_path / "rank1.err").read_text().splitlines() == [f"{head} (No space left on device); {kept}"]
+    assert (tmp_path / "rank0.err").read_text().splitlines() == [f"{head} on another rank; {kept}"]
+
+
+def test_signal_during_start_up_exits_0_without_saving(tmp_path, capsys, monkeypatch):
+    """A SIGTERM while the datasets are built: the run stops before the first iteration, exit 0, and
+    saves nothing (there is nothing new to save); no log record either."""
+    entry = load_entry()
+    real = entry.build_gpt_datasets
+
+    def signalled_while_building(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded by --exit-signal-handler, which is installed by now
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(entry, "build_gpt_datasets", signalled_while_building)
+    argv = TINY + NO_EVAL + ["--train-iters", "4", "--exit-signal-handler", "--save", str(tmp_path / "ck"),
+                             "--log-json", str(tmp_path / "m.jsonl")]
+    assert run_inprocess(argv) == 0
+    out = capsys.readouterr().out
+    assert " exiting before training: received SIGTERM (--exit-signal-handler)" in out and " training for " not in out
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "m.jsonl").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler was put back
+
+
+def test_signal_handler_without_save_warns_at_start_up(capsys):
+    argv = TINY + NO_EVAL + ["--train-iters", "1", "--lr-warmup-iters", "0", "--exit-signal-handler"]
+    assert run_inprocess(argv) == 0
+    out = capsys.readouterr().out
+    warning = "WARNING: --exit-signal-handler without --save: a signal stops the run cleanly, but nothing is saved"
+    assert warning in out and out.index(warning) < out.index(" training for ")
 
 
 def test_repeated_signals_are_recorded_not_escalated():

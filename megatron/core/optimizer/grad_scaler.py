@@ -1,8 +1,11 @@
 """Loss scaling for fp16, with Megatron's semantics.
 
-Dynamic: start at `initial_scale`; after `hysteresis` overflowing steps halve it (never below `min_scale`);
-after `growth_interval` clean steps in a row double it. Constant: `--loss-scale S`. bf16 and fp32 use no
-scaler (a scale of 1.0 in the log line).
+Dynamic: start at `initial_scale`. Every overflowing step counts a hysteresis counter down from
+`hysteresis`; once it has reached zero, every overflowing step halves the scale (never below
+`min_scale`). Clean steps do not restore the counter: only growth does, when `growth_interval` clean
+steps in a row double the scale. So with hysteresis 2 the first overflow after a growth keeps the scale
+and every later one halves it. Constant: `--loss-scale S`. bf16 and fp32 use no scaler (a scale of 1.0
+in the log line).
 """
 
 
