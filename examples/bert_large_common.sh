@@ -31,7 +31,7 @@ LR=${LR:-1e-4}
 MIN_LR=${MIN_LR:-1e-5}
 WARMUP_ITERS=${WARMUP_ITERS:-10000}
 TRAIN_ITERS=${TRAIN_ITERS:-2000000}        # 2M x 1024 x 512 = 1049B tokens read
-PRECISION=${PRECISION:---bf16}             # the paper used --fp16 with dynamic loss scaling
+PRECISION=${PRECISION---bf16}              # unset: bf16; PRECISION="" runs fp32 (the paper: --fp16, dynamic loss scale)
 
 # --- output ------------------------------------------------------------------------------------------
 RUN_NAME=${RUN_NAME:-bert_large}

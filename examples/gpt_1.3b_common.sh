@@ -30,7 +30,7 @@ MICRO_BATCH=${MICRO_BATCH:-4}
 LR=${LR:-2e-4}
 MIN_LR=${MIN_LR:-1e-6}
 WARMUP_TOKENS=${WARMUP_TOKENS:-3e9}
-PRECISION=${PRECISION:---bf16}             # the paper used --fp16 with dynamic loss scaling
+PRECISION=${PRECISION---bf16}              # unset: bf16; PRECISION="" runs fp32 (the paper: --fp16, dynamic loss scale)
 
 # --- output ------------------------------------------------------------------------------------------
 RUN_NAME=${RUN_NAME:-gpt_1.3b}
@@ -41,8 +41,8 @@ EVAL_INTERVAL=${EVAL_INTERVAL:-100}
 EVAL_ITERS=${EVAL_ITERS:-10}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
-LAUNCH="torchrun --nnodes $NNODES --node_rank $NODE_RANK --nproc_per_node $GPUS_PER_NODE \
-  --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
+LAUNCH=${LAUNCH:-torchrun --nnodes $NNODES --node_rank $NODE_RANK --nproc_per_node $GPUS_PER_NODE \
+  --master_addr $MASTER_ADDR --master_port $MASTER_PORT}   # LAUNCH=echo prints the command instead
 
 COMMON_ARGS="--num-layers $NUM_LAYERS --hidden-size $HIDDEN --num-attention-heads $HEADS \
   --seq-length $SEQ --max-position-embeddings $SEQ --init-method-std $INIT_STD \

@@ -3,7 +3,7 @@
 # grows 128 -> 2048 in steps of 16 over 200k iterations (MSLG), LR warmup and cosine decay run on
 # consumed layer-tokens (LayerToken LR), and training stops at 4800B layer-tokens: 2/3 of the dense
 # baseline's 300B tokens x 24 layers = 7200B. `python tools/ltd_budget.py` with the same flags prints
-# the plan (about 277k iterations, 291B tokens read).
+# the plan (about 277k iterations, 291B tokens read); LAUNCH=echo prints this script's flags to paste there.
 #
 #   DATA_PATH=... VOCAB_FILE=... MERGE_FILE=... NNODES=8 GPUS_PER_NODE=8 bash examples/pretrain_gpt_1.3b_ltd.sh
 set -euo pipefail

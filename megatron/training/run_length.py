@@ -4,8 +4,14 @@ Lengths: `--train-iters`, `--train-samples` (rounded up to whole iterations), `-
 read = samples x s), and `--train-layer-tokens` (stop after the first iteration whose consumed layer-tokens
 reach the budget, how the paper spends 2/3 of the dense budget). A layer-token budget together with
 another length stops at whichever comes first.
+
+`check_ltd_flags` + `resolve_run_length` run at argument-parsing time (validate_args), so a bad r_0 or
+layer list fails before the process group, the banner or the model exist; the trainer and
+tools/ltd_budget.py resolve the same flags with the same function, so the plan is what the trainer does.
 """
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import FrozenSet, Optional
 
@@ -13,6 +19,25 @@ from megatron.core.errors import UserError
 from megatron.core.random_ltd import (
     LayerTokenCurve, MSLGSchedule, RandomLTDConfig, parse_layer_spec, plan_training, ramp_iters_from_fraction,
 )
+
+# Flags that only mean something with --random-ltd (parser default None = not given), and their defaults.
+LTD_FLAG_DEFAULTS = {"random_ltd_start_seq_length": 128, "random_ltd_seq_step": 16, "random_ltd_ramp_iters": None,
+                     "random_ltd_ramp_fraction": None, "random_ltd_layers": None}
+
+
+def check_ltd_flags(args, file=None) -> None:
+    """Warn (rank 0, one line) about random-LTD flags given without --random-ltd, then fill in defaults.
+
+    Without the warning `--random-ltd-ramp-iters 200000` alone would silently train dense.
+    """
+    given = [name for name in LTD_FLAG_DEFAULTS if getattr(args, name, None) is not None]
+    if given and not args.random_ltd and os.environ.get("RANK", "0") == "0":
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        print(f"WARNING: {flags} ignored: random-LTD is off (add --random-ltd to drop tokens)",
+              file=file or sys.stderr, flush=True)
+    for name, default in LTD_FLAG_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
 
 
 @dataclass
@@ -23,7 +48,7 @@ class RunLength:
     ltd_layers: FrozenSet[int]
     curve: LayerTokenCurve  # layer-tokens per iteration; holds the MSLG schedule when LTD is on
     layer_token_budget: Optional[int]
-    decay_default_samples: float  # LR decay length when no --lr-decay-* flag is given
+    decay_default_samples: float  # LR decay length when no --lr-decay-* flag is given (schedule progress units)
 
     def keep_at(self, t: int) -> int:
         """r_t: tokens each LTD layer keeps at 0-based iteration t (s when LTD is off)."""
@@ -31,6 +56,10 @@ class RunLength:
 
     def budget_reached(self, consumed_layer_tokens: int) -> bool:
         return self.layer_token_budget is not None and consumed_layer_tokens >= self.layer_token_budget
+
+    def stage_ltd_layers(self, layer_offset: int, num_local_layers: int) -> FrozenSet[int]:
+        """The LTD layers of the pipeline stage holding global layers [offset, offset + num_local_layers)."""
+        return frozenset(layer for layer in self.ltd_layers if layer_offset <= layer < layer_offset + num_local_layers)
 
     def num_samples(self, eval_interval: int, eval_iters: int):
         """Samples each split must provide (Megatron's rule)."""
@@ -50,11 +79,22 @@ class RunLength:
 
 
 def resolve_run_length(args, num_layers: int) -> RunLength:
+    """The run's length, LTD set and schedule from the flags; raises UserError for any bad combination."""
     s, G = args.seq_length, args.global_batch_size
-    other = dict(train_iters=args.train_iters, train_samples=args.train_samples, train_tokens=args.train_tokens)
-    other = {k: v for k, v in other.items() if v is not None}
+    if num_layers < 1 or s < 1 or G < 1:
+        raise UserError("--num-layers, --seq-length and --global-batch-size must be positive")
+    lengths = {k: getattr(args, k) for k in ("train_iters", "train_samples", "train_tokens", "train_layer_tokens")}
+    lengths = {k: v for k, v in lengths.items() if v is not None}
+    if not lengths:
+        raise UserError("give the training length: --train-iters, --train-samples, --train-tokens "
+                        "or --train-layer-tokens")
+    for name, value in lengths.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    other = {k: v for k, v in lengths.items() if k != "train_layer_tokens"}
     if len(other) > 1:
-        raise UserError(f"give one of --train-iters, --train-samples, --train-tokens (got {', '.join(other)})")
+        raise UserError(f"give one of --train-iters, --train-samples, --train-tokens (got "
+                        f"{', '.join('--' + k.replace('_', '-') for k in other)})")
     dense = LayerTokenCurve(num_layers, s, G)
     iters = plan_training(dense, **other).iterations if other else None
 
@@ -81,7 +121,11 @@ def resolve_run_length(args, num_layers: int) -> RunLength:
     if budget is not None:
         by_budget = curve.iterations_to_reach(budget)
         iters = by_budget if iters is None else min(iters, by_budget)
-        decay_default = budget / (num_layers * s)  # the budget in dense-equivalent samples
+    # The default decay length is the run in the schedule's own progress unit. The LayerToken schedule
+    # counts dense-equivalent samples C/(L*s), so a budget is budget/(L*s) of them; the plain schedule
+    # counts samples read, iters*G (budget/(L*s) would end the decay early: at ~69% of the 1.3B run).
+    if budget is not None and getattr(args, "layer_token_lr_schedule", False):
+        decay_default = budget / (num_layers * s)
     else:
         decay_default = float(iters * G)
     return RunLength(iters, G, bool(layers), frozenset(layers), curve, budget, decay_default)

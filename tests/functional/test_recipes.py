@@ -1,6 +1,7 @@
 """The 1.3B recipes are the very scripts users launch; here they run through torchrun on CPU, shrunk."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from tests.functional.gpt_cli import REPO, make_pattern_data, train_records
 TINY_ENV = dict(NUM_LAYERS="4", HIDDEN="32", HEADS="4", SEQ="32", GLOBAL_BATCH="4", MICRO_BATCH="2",
                 GPUS_PER_NODE="1", PRECISION="", WARMUP_TOKENS="256", LOG_INTERVAL="1", EVAL_INTERVAL="5",
                 EVAL_ITERS="1", SAVE_INTERVAL="100", TOKENIZER_ARGS="--tokenizer-type NullTokenizer --vocab-size 97",
-                EXTRA_ARGS="--num-workers 0")
+                EXTRA_ARGS="--num-workers 0 --distributed-backend gloo")
 
 
 def free_port() -> int:
@@ -35,6 +36,8 @@ def test_ltd_recipe_stops_at_layer_token_budget(tmp_path):
     proc, recs = run_recipe("pretrain_gpt_1.3b_ltd.sh", tmp_path, LTD_START="8", LTD_STEP="4",
                             LTD_RAMP_ITERS="6", TRAIN_LAYER_TOKENS="2500")
     assert "ltd seq length:" in proc.stdout
+    # PRECISION="" means no precision flag (fp32 on CPU), not the recipe's default --bf16: the banner says so
+    assert re.search(r"^  bf16 \.+ False$", proc.stdout, re.M), proc.stdout[:3000]
     lt = [r["consumed_layer_tokens"] for r in recs]
     assert lt[-1] >= 2500 > lt[-2]  # stopped after the first iteration reaching the budget
     # MSLG: r_t = min(s, q * floor((r0 + t / T * (s - r0)) / q)), r0 = 8, q = 4, T = 6, s = 32
@@ -44,6 +47,7 @@ def test_ltd_recipe_stops_at_layer_token_budget(tmp_path):
 
 def test_baseline_recipe_reads_its_token_budget(tmp_path):
     proc, recs = run_recipe("pretrain_gpt_1.3b_baseline.sh", tmp_path, TRAIN_TOKENS="1024")
+    assert re.search(r"^  bf16 \.+ False$", proc.stdout, re.M)
     assert len(recs) == 8  # 1024 tokens / (4 samples x 32 tokens)
     assert all(r["ltd_seq_length"] == 32 for r in recs)
     assert recs[-1]["consumed_layer_tokens"] == 8 * 4 * 4 * 32

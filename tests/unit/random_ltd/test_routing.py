@@ -137,3 +137,42 @@ def test_forward_layer_dense_and_dropped_paths():
     assert torch.equal(forward_layer(layer, hidden, 1, state, pos), run_layer_on_kept(layer, hidden, idx, pos))
     full = RandomLTDState(seed=0, iteration=3, sample_ids=torch.arange(2), keep=16, layers=frozenset({1}))
     assert torch.equal(forward_layer(layer, hidden, 1, full, pos), dense)
+
+
+@pytest.mark.parametrize("pos_type", ["learned_absolute", "rope"])
+@pytest.mark.parametrize("causal, padded", [(True, False), (True, True), (False, True)],
+                         ids=["causal", "causal-padded", "bidirectional-padded"])
+def test_real_layer_matches_dense_run_with_dropped_keys_masked(pos_type, causal, padded):
+    """Dropping = the dense layer on all s tokens with the non-kept KEYS masked, its output kept only on the
+    kept rows (the other rows pass through): forward and every gradient, in fp64, for megatron's own layer."""
+    from megatron.core.transformer.config import TransformerConfig
+    from megatron.core.transformer.layer import TransformerLayer
+
+    torch.manual_seed(0)
+    b, s, h, r = 3, 16, 32, 6
+    cfg = TransformerConfig(num_layers=3, hidden_size=h, num_attention_heads=4, seq_length=s, vocab_size=64,
+                            attention_dropout=0.0, hidden_dropout=0.0, position_embedding_type=pos_type,
+                            causal=causal)
+    layer = TransformerLayer(cfg, 1).double().train()
+    for p in layer.parameters():  # larger than the init, so every term of the layer matters
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    hidden = torch.randn(b, s, h, dtype=torch.float64, requires_grad=True)  # [b, s, h]
+    pos = torch.arange(s) + 3 * torch.arange(b)[:, None]  # [b, s], per sample
+    idx = kept_indices(5, 2, torch.arange(b), 1, s, r)  # [b, r]
+    kept = torch.zeros(b, s, dtype=torch.bool).scatter(1, idx, True)  # [b, s]
+    pad = (torch.arange(s)[None, :] >= torch.tensor([s, s - 3, s - 5])[:, None]) if padded else None  # [b, s]
+    if pad is not None:
+        assert (kept & ~pad).any(dim=1).all(), "every sample keeps a real key (no all-padding special case)"
+
+    out = run_layer_on_kept(layer, hidden, idx, pos, pad)  # [b, s, h]
+    masked_keys = ~kept if pad is None else ~kept | pad  # [b, s], True = key not attended
+    ref = torch.where(kept[..., None], layer(hidden, position_ids=pos, padding_mask=masked_keys), hidden)
+
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    upstream = torch.randn_like(out)
+    wrt = [hidden, *layer.parameters()]
+    got = torch.autograd.grad((out * upstream).sum(), wrt)
+    want = torch.autograd.grad((ref * upstream).sum(), wrt)
+    for (name, _), g, w in zip([("hidden", None), *layer.named_parameters()], got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-10, msg=name)
+    assert got[1].abs().sum() > 0 and not torch.allclose(out[kept], hidden[kept]), "the layer did act"
