@@ -17,9 +17,17 @@ offline (megatron/core/datasets/sentences.py), and each sentence is one sequence
 uint16 when the vocab has fewer than 65500 ids, else int32. A bad line stops the run with its line
 number; output is written under temporary names and only renamed into place when everything succeeded,
 so a failed run leaves no partial files.
+
+Speed: lines go to the workers in chunks (with --workers 1, to this process); a worker parses a chunk's
+JSON, encodes all its texts with one `tokenize_batch` call (HF tokenizers' `encode_batch`) and sends back
+numpy arrays, written in one block per chunk. Each worker is one thread (`TOKENIZERS_PARALLELISM=false`), so
+`--workers N` uses N cores. nltk (slow to import) is loaded only with --split-sentences, where Punkt's
+splitting (pure Python, in the workers) and not the encoder sets the pace; the sentences are still encoded
+in one batch per chunk. bench/preprocess_throughput.py compares the tool with the raw `encode_batch` speed.
 """
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -27,14 +35,14 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron.core.datasets.indexed import IndexedDatasetBuilder, optimal_dtype  # noqa: E402
-from megatron.core.datasets.sentences import PUNKT_SOURCES, SentenceSplitter, punkt_parameters  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.core.tokenizer import (  # noqa: E402
     TokenizerConfig,
@@ -42,10 +50,16 @@ from megatron.core.tokenizer import (  # noqa: E402
     build_tokenizer,
     tokenizer_config_from_args,
 )
+from megatron.training.cli import ArgumentParser  # noqa: E402
+
+# megatron.core.datasets.sentences imports nltk (~2 s, it pulls in scipy and scikit-learn), so it is
+# imported only with --split-sentences; its PUNKT_SOURCES is checked against this copy when it is.
+PUNKT_SOURCES = ("auto", "nltk", "input", "untrained")
+CHUNK_BYTES = 1 << 18  # input per task: amortizes a batch encode and a write; small keeps workers evenly busy
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])  # a bad flag is one `error:` line
     g = p.add_argument_group("input data")
     g.add_argument("--input", type=str, required=True, help="JSONL file, one document per line")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract; one output pair each")
@@ -75,63 +89,100 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 # Per-process tokenization (runs in the pool's workers, or in-process with --workers 1)
 # ---------------------------------------------------------------------------------------------------
+Chunk = List[Tuple[int, bytes]]  # (line number, raw line) of consecutive non-blank lines
+Arrays = Tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens [T], sequence lengths [S], sequences per doc [D]
+
+
 class Encoder:
-    """Turns one JSONL line into {key: (token ids, sequence lengths)} or an error message.
+    """Turns a chunk of JSONL lines into {key: (tokens, sequence lengths, sequences per document)}.
 
     Each string is one sequence, or with a `splitter` one sequence per sentence; empty ones are dropped.
+    All texts of a chunk are encoded with one `tokenize_batch` call; a bad line is reported by number, the
+    first one in file order.
     """
 
     def __init__(self, tokenizer_config: TokenizerConfig, keys: List[str], append_eod: bool, input_name: str,
-                 splitter: Optional[SentenceSplitter] = None):
+                 dtype: np.dtype, splitter=None):  # splitter: a sentences.SentenceSplitter, or None
         self.tokenizer_config = tokenizer_config
         self.keys = keys
         self.append_eod = append_eod
         self.input_name = input_name
+        self.dtype = dtype
         self.splitter = splitter
         self.tokenizer = None
 
     def start(self) -> None:
         self.tokenizer = build_tokenizer(self.tokenizer_config)
 
-    def encode(self, item: Tuple[int, bytes]):
-        """(line number, raw line) -> ("ok", {key: (ids, lengths)}, n_bytes) | ("error", message, 0)."""
-        lineno, raw = item
+    def parse(self, lineno: int, raw: bytes):
+        """One line -> its texts per key ([[str]] in `keys` order), or an error message (str)."""
         where = f"{self.input_name} line {lineno}"
         try:
             doc = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            return "error", f"{where} is not UTF-8 ({e.reason}); re-encode the file as UTF-8", 0
+            return f"{where} is not UTF-8 ({e.reason}); re-encode the file as UTF-8"
         except json.JSONDecodeError as e:
-            return "error", f"{where} is not valid JSON ({e.msg}, column {e.colno}); fix or remove the line", 0
+            return f"{where} is not valid JSON ({e.msg}, column {e.colno}); fix or remove the line"
         if not isinstance(doc, dict):
-            return "error", f"{where} is not a JSON object; each line must be like {{\"text\": \"...\"}}", 0
-        out = {}
+            return f"{where} is not a JSON object; each line must be like {{\"text\": \"...\"}}"
+        per_key = []
         for key in self.keys:
             if key not in doc:
                 have = ", ".join(list(doc)[:5])
-                return "error", (f"{where} has no key {key!r} (it has: {have}); pass --json-keys with the key "
-                                 "that holds the text"), 0
+                return f"{where} has no key {key!r} (it has: {have}); pass --json-keys with the key that holds the text"
             value = doc[key]
             texts = value if isinstance(value, list) else [value]
             if not all(isinstance(t, str) for t in texts):
-                return "error", f"{where}: {key!r} must be a string or a list of strings", 0
+                return f"{where}: {key!r} must be a string or a list of strings"
             if self.splitter is not None:
                 texts = [sentence for text in texts for sentence in self.splitter.split(text)]
-            ids: List[int] = []
-            lengths: List[int] = []
+            per_key.append(texts)
+        return per_key
+
+    def encode_chunk(self, chunk: Chunk):
+        """-> ("ok", {key: Arrays}, documents, bytes) | ("error", message, 0, 0)."""
+        docs, error = [], None  # docs: (line number, texts per key) of the lines before the first bad one
+        for lineno, raw in chunk:
+            parsed = self.parse(lineno, raw)
+            if isinstance(parsed, str):
+                error = parsed
+                break
+            docs.append((lineno, parsed))
+        try:
+            ids = self.tokenizer.tokenize_batch([t for _, per_key in docs for texts in per_key for t in texts])
+        except UserError:
+            error = self._first_tokenize_error(docs)  # an earlier line than a parse error, if any
+        if error is not None:
+            return "error", error, 0, 0
+        return "ok", self._assemble(docs, ids), len(docs), sum(len(raw) for _, raw in chunk)
+
+    def _first_tokenize_error(self, docs) -> str:
+        for lineno, per_key in docs:
             try:
-                for text in texts:
-                    piece = self.tokenizer.tokenize(text)
-                    if piece:
-                        ids.extend(piece)
-                        lengths.append(len(piece))
+                self.tokenizer.tokenize_batch([t for texts in per_key for t in texts])
             except UserError as e:
-                return "error", f"{where}: {e}", 0
-            if ids and self.append_eod:
-                ids.append(self.tokenizer.eod)
-                lengths[-1] += 1
-            out[key] = (ids, lengths)
-        return "ok", out, len(raw)
+                return f"{self.input_name} line {lineno}: {e}"
+        raise AssertionError("tokenize_batch failed on the chunk but on none of its documents")
+
+    def _assemble(self, docs, ids: List[List[int]]) -> Dict[str, Arrays]:
+        """Concatenate the ids of each key's non-empty sequences, EOD at the end of each non-empty document."""
+        out = {key: ([], [], []) for key in self.keys}  # tokens, lengths, sequences per document
+        pieces = iter(ids)
+        for _, per_key in docs:
+            for key, texts in zip(self.keys, per_key):
+                tokens, lengths, counts = out[key]
+                before = len(lengths)
+                for _ in texts:
+                    piece = next(pieces)
+                    if piece:
+                        tokens.extend(piece)
+                        lengths.append(len(piece))
+                if self.append_eod and len(lengths) > before:
+                    tokens.append(self.tokenizer.eod)
+                    lengths[-1] += 1
+                counts.append(len(lengths) - before)
+        return {key: (np.array(tokens, dtype=self.dtype), np.array(lengths, dtype=np.int32),
+                      np.array(counts, dtype=np.int64)) for key, (tokens, lengths, counts) in out.items()}
 
 
 _ENCODER: Encoder = None  # the worker's own Encoder, set by _start_worker
@@ -143,16 +194,40 @@ def _start_worker(encoder: Encoder) -> None:
     _ENCODER.start()
 
 
-def _encode_in_worker(item):
-    return _ENCODER.encode(item)
+def _encode_in_worker(chunk: Chunk):
+    return _ENCODER.encode_chunk(chunk)
 
 
-def _lines(path: str) -> Iterator[Tuple[int, bytes]]:
-    """(line number, raw bytes) of each non-blank line."""
+def _chunks(path: str, log_interval: int) -> Iterator[Chunk]:
+    """Non-blank lines in chunks of about CHUNK_BYTES; a chunk also ends after every `log_interval`-th
+    document, so the progress lines still come at exact multiples."""
+    chunk, size, n_docs = [], 0, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if raw.strip():
-                yield lineno, raw
+                chunk.append((lineno, raw))
+                size += len(raw)
+                n_docs += 1
+                if size >= CHUNK_BYTES or n_docs % log_interval == 0:
+                    yield chunk
+                    chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def _one_thread_per_worker():
+    """HF tokenizers would spread each batch over every core; one thread per worker makes `--workers N`
+    mean N cores (as in the bench's raw side). Set for the run and restored after (the tool is importable)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by tokenizers at each call; workers inherit it
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,13 +276,18 @@ def preprocess(args: argparse.Namespace) -> Dict[str, dict]:
     level, splitter = "document", None
     if args.split_sentences:
         level = "sentence"
-        params, source = punkt_parameters(args.punkt, args.lang, args.input, args.json_keys, args.punkt_train_chars)
-        splitter = SentenceSplitter(params, keep_newlines=args.keep_newlines)
+        from megatron.core.datasets import sentences  # nltk: only loaded for sentence splitting
+
+        assert sentences.PUNKT_SOURCES == PUNKT_SOURCES, "keep the --punkt choices in step with sentences.py"
+        params, source = sentences.punkt_parameters(args.punkt, args.lang, args.input, args.json_keys,
+                                                    args.punkt_train_chars)
+        splitter = sentences.SentenceSplitter(params, keep_newlines=args.keep_newlines)
         print(f"splitting sentences with {source}", file=sys.stderr)
-    encoder = Encoder(tokenizer_config, args.json_keys, args.append_eod, args.input, splitter)  # for the workers
+    encoder = Encoder(tokenizer_config, args.json_keys, args.append_eod, args.input, dtype, splitter)  # for workers
 
     stats = {k: {"documents": 0, "sequences": 0, "tokens": 0} for k in args.json_keys}
     with ExitStack() as stack:
+        stack.enter_context(_one_thread_per_worker())
         builders = {}
         for key in args.json_keys:
             bin_path, _ = output_paths(args.output_prefix, key, level)
@@ -219,10 +299,10 @@ def preprocess(args: argparse.Namespace) -> Dict[str, dict]:
             pool = stack.enter_context(
                 multiprocessing.Pool(args.workers, initializer=_start_worker, initargs=(encoder,))
             )
-            results = pool.imap(_encode_in_worker, _lines(args.input), chunksize=32)
+            results = pool.imap(_encode_in_worker, _chunks(args.input, args.log_interval))  # in order
         else:
             encoder.tokenizer = tokenizer
-            results = map(encoder.encode, _lines(args.input))
+            results = map(encoder.encode_chunk, _chunks(args.input, args.log_interval))
 
         bar = stack.enter_context(
             # disable=None: a bar on a terminal, only the periodic lines in a log file
@@ -230,21 +310,20 @@ def preprocess(args: argparse.Namespace) -> Dict[str, dict]:
                  disable=True if args.no_progress_bar else None)
         )
         start, n_docs, n_tokens, n_bytes = time.time(), 0, 0, 0
-        for status, payload, size in results:
+        for status, payload, docs, size in results:
             if status == "error":
                 raise UserError(payload)
-            for key, (ids, lengths) in payload.items():
-                builders[key].add_document(ids, lengths)
-                stats[key]["documents"] += 1
-                stats[key]["sequences"] += len(lengths)
-                stats[key]["tokens"] += len(ids)
-                n_tokens += len(ids)
-            n_docs += 1
+            for key, (tokens, lengths, counts) in payload.items():
+                builders[key].add_documents(tokens, lengths, counts)
+                stats[key]["documents"] += docs
+                stats[key]["sequences"] += lengths.size
+                stats[key]["tokens"] += tokens.size
+                n_tokens += tokens.size
+            n_docs += docs
             n_bytes += size
-            bar.update(1)
-            if n_docs % 256 == 0:
-                bar.set_postfix_str(f"{n_tokens / max(time.time() - start, 1e-9):,.0f} tokens/s", refresh=False)
-            if n_docs % args.log_interval == 0:
+            bar.set_postfix_str(f"{n_tokens / max(time.time() - start, 1e-9):,.0f} tokens/s", refresh=False)
+            bar.update(docs)
+            if n_docs % args.log_interval == 0:  # chunks end at these multiples (_chunks)
                 elapsed = max(time.time() - start, 1e-9)
                 bar.write(f"Processed {n_docs} documents ({n_docs / elapsed:.1f} docs/s, "
                           f"{n_tokens / elapsed:,.0f} tokens/s, {n_bytes / elapsed / 1024 / 1024:.2f} MB/s).",
@@ -259,9 +338,8 @@ def preprocess(args: argparse.Namespace) -> Dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        stats = preprocess(args)
+        stats = preprocess(build_parser().parse_args(argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-from tokenizers import pre_tokenizers
+from pydoc_data.topics import topics
+from tokenizers import ByteLevelBPETokenizer, pre_tokenizers
 
-from megatron.core.datasets.indexed import IndexedDataset
+from megatron.core.datasets.indexed import IndexedDataset, IndexedDatasetBuilder
 from megatron.core.tokenizer.gpt2_bpe import GPT2BPETokenizer
 from tests.megatron_core_oracle import REPO, run_oracle
 from tests.scripts import load_script
@@ -98,6 +99,71 @@ def test_gpt2_bpe_tokenizer_end_to_end(tmp_path):
     assert [x.tolist() for x in ds[:]] == [tok.tokenize(t) + [256] for t in texts]
     assert [len(x) for x in ds[:]] == [len(t.encode()) + 1 for t in texts]  # one id per UTF-8 byte
 
+
+
+# -- the chunked batch path: the same bytes, exact progress lines, a light start-up -----------------
+def test_chunks_and_workers_write_the_per_document_bytes(tmp_path, monkeypatch, capsys):
+    """Many chunks (CHUNK_BYTES shrunk), 1 and 2 workers, a trained BPE: the bytes of per-text `tokenize`
+    ids written one sequence at a time with `add_item` (the path test_indexed.py checks byte for byte against
+    megatron-core's writer), and `Processed` lines at exact multiples of --log-interval."""
+    texts = [topics[k] for k in sorted(topics)[:60]]  # ~300 KB of English
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(tmp_path))
+    values = [*texts]
+    values[5], values[9] = "", [texts[9][:200], "", texts[10][:50]]  # an empty document; a list value
+    lines = [json.dumps({"text": v}) for v in values]
+    lines[20:20] = ["", "  "]  # blank lines are skipped, not documents
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    tok_flags = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tmp_path / "vocab.json"),
+                 "--merge-file", str(tmp_path / "merges.txt")]
+    tool = load_tool(PREPROCESS)
+    monkeypatch.setattr(tool, "CHUNK_BYTES", 16384)  # chunks of one to a few documents
+    for workers in (1, 2):
+        assert tool.main(["--input", str(tmp_path / "corpus.jsonl"), "--output-prefix", str(tmp_path / f"w{workers}"),
+                          "--append-eod", "--workers", str(workers), "--log-interval", "20", *tok_flags]) == 0
+        assert re.findall(r"Processed (\d+) documents", capsys.readouterr().err) == ["20", "40", "60"]
+
+    tok = GPT2BPETokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    with IndexedDatasetBuilder(str(tmp_path / "ref.bin"), np.uint16) as ref:
+        for v in values:
+            sequences = [ids for ids in (tok.tokenize(t) for t in (v if isinstance(v, list) else [v])) if ids]
+            if sequences:
+                sequences[-1] = sequences[-1] + [tok.eod]
+            for ids in sequences:
+                ref.add_item(np.array(ids))
+            ref.end_document()
+        ref.finalize(str(tmp_path / "ref.idx"))
+    for ext in ("bin", "idx"):
+        expected = (tmp_path / f"ref.{ext}").read_bytes()
+        assert (tmp_path / f"w1_text_document.{ext}").read_bytes() == expected
+        assert (tmp_path / f"w2_text_document.{ext}").read_bytes() == expected
+
+
+def test_document_path_imports_neither_nltk_nor_torch(tmp_path):
+    """Start-up is paid on every run: nltk (it pulls in scipy and scikit-learn, ~2 s) loads only for
+    --split-sentences, and torch never."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from tests.scripts import load_script; "
+            "rc = load_script('tools/preprocess_data.py').main(sys.argv[2:]); "
+            "print(json.dumps([rc, sorted(m for m in ('nltk', 'scipy', 'sklearn', 'torch') if m in sys.modules)]))")
+    r = subprocess.run([sys.executable, "-c", code, str(REPO), "--input", str(corpus), "--output-prefix",
+                        str(tmp_path / "c"), "--append-eod", *NULL], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == [0, []]
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (['{"text": "7000"}', '{"text": "4" oops'], r"line 2: NullTokenizer id 7000"),  # bad id, then bad JSON
+    (['{"text": "4" oops', '{"text": "7000"}'], r"line 2 is not valid JSON"),  # bad JSON, then bad id
+])
+def test_the_first_bad_line_of_a_chunk_is_reported(tmp_path, capsys, bad, pattern):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(['{"text": "1 2"}', *bad, '{"text": "3"}']) + "\n")  # one chunk
+    assert load_tool(PREPROCESS).main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), *NULL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+    assert not list(tmp_path.glob("c_*"))
 
 # -- errors: one line on stderr, exit code 2, no files ----------------------------------------------
 ERROR_CASES = {

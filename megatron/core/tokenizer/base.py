@@ -128,12 +128,21 @@ class Tokenizer(ABC):
     def detokenize(self, ids: List[int]) -> str:
         """Text of `ids`; `detokenize(tokenize(t)) == t` wherever the type's docstring says so."""
 
+    def tokenize_batch(self, texts: List[str]) -> List[List[int]]:
+        """`[tokenize(t) for t in texts]`; a type whose library encodes a batch in one call overrides it."""
+        return [self.tokenize(t) for t in texts]
+
 
 class TokenizersLibraryTokenizer(Tokenizer):
     """Shared encode/decode for the types backed by an HF `tokenizers.Tokenizer` in `self._tok`."""
 
     def tokenize(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: List[str]) -> List[List[int]]:
+        """One `encode_batch` call: no Python round trip per text, and the library spreads the batch over
+        its threads unless `TOKENIZERS_PARALLELISM=false` (then one thread, the caller's)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def detokenize(self, ids: List[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

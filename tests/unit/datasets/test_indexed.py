@@ -54,6 +54,28 @@ def test_worked_example_exact_bytes(tmp_path):
     assert ds.document_indices.tolist() == [0, 1, 2]
 
 
+
+def test_add_documents_writes_the_same_bytes_in_one_call(tmp_path):
+    """The batch path preprocess_data.py uses: the worked example's bytes, and add_item per sequence's bytes
+    for documents with several sequences, empty documents and an empty call."""
+    p = tmp_path / "ex"
+    with IndexedDatasetBuilder(f"{p}.bin", np.uint16) as b:
+        b.add_documents(np.array([10, 11, 12, 20, 21, 22, 23, 24]), [3, 5], [1, 1])
+        b.finalize(f"{p}.idx")
+    assert (tmp_path / "ex.idx").read_bytes() == WORKED_IDX
+    assert (tmp_path / "ex.bin").read_bytes() == np.array([10, 11, 12, 20, 21, 22, 23, 24], "<u2").tobytes()
+
+    docs = [[[1, 2, 3]], [], [[4], [5, 6, 7]], [], [[65535, 0]]]  # documents of sequences
+    write(tmp_path / "ref", docs)
+    with IndexedDatasetBuilder(f"{tmp_path}/new.bin", np.uint16) as b:
+        for part in (docs[:2], [], docs[2:]):  # two chunks and an empty one
+            seqs = [s for d in part for s in d]
+            b.add_documents(np.array([t for s in seqs for t in s], np.uint16), [len(s) for s in seqs],
+                            [len(d) for d in part])
+        b.finalize(f"{tmp_path}/new.idx")
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"new.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes()
+
 def test_dtype_codes_and_optimal_dtype():
     codes = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"}
     for code, name in codes.items():

@@ -253,6 +253,23 @@ def test_null_tokenizer_errors():
         tok.tokenize("-1")
 
 
+
+# ---------------------------------------------------------------- tokenize_batch (preprocess_data.py's path)
+
+
+@pytest.mark.parametrize("parallelism", ["true", "false"])  # HF tokenizers: threads or the caller's thread
+def test_tokenize_batch_equals_tokenize_each(trained_gpt2, sp_models, monkeypatch, parallelism):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallelism)
+    texts = TRICKY + CORPUS[:20]
+    for tok in (GPT2BPETokenizer(str(trained_gpt2 / "vocab.json"), str(trained_gpt2 / "merges.txt")),
+                HuggingFaceTokenizer(str(trained_gpt2)), SentencePieceTokenizer(str(sp_models / "plain.model"))):
+        assert tok.tokenize_batch(texts) == [tok.tokenize(t) for t in texts], type(tok).__name__
+        assert tok.tokenize_batch([]) == []
+    null = NullTokenizer(100)
+    assert null.tokenize_batch(["1 2", "", "100"]) == [[1, 2], [], [100]]
+    with pytest.raises(UserError, match="outside 0..100"):
+        null.tokenize_batch(["1", "101"])
+
 # ---------------------------------------------------------------- flags -> config -> tokenizer
 
 

@@ -57,6 +57,12 @@ def test_ids_equal_hf_bert_wordpiece_on_a_trained_vocab(trained):
     assert ours.vocab_size == ref.get_vocab_size() + 2  # [BOS], [EOS] appended, as Megatron does
 
 
+
+def test_tokenize_batch_equals_hf_per_text(trained):
+    ours, ref = trained
+    texts = CORPUS[:40] + TRICKY
+    assert ours.tokenize_batch(texts) == [ref.encode(t, add_special_tokens=False).ids for t in texts]
+
 def test_tiny_vocab_worked_out_by_hand(tiny):
     lower = BertWordPieceTokenizer(tiny, lower_case=True)
     cased = BertWordPieceTokenizer(tiny, lower_case=False)
