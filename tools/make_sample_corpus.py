@@ -16,7 +16,6 @@ training text.
     python tools/make_sample_corpus.py --output data/sample.jsonl [--max-docs N]
 """
 
-import argparse
 import importlib
 import inspect
 import json
@@ -150,13 +149,16 @@ def write_corpus(output: str, max_docs=None) -> tuple:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="JSONL file to write")
-    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    args = parser.parse_args(argv)
-    from megatron.core.errors import UserError  # not at the top: the child runs without site-packages
+    # Not at the top: the child walker runs without site-packages and must not see the checkout.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+    from megatron.core.errors import UserError
+    from megatron.training.cli import ArgumentParser
 
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])  # a bad flag is one `error:` line
+    parser.add_argument("--output", required=True, help="JSONL file to write")
+    parser.add_argument("--max-docs", type=int, default=None, help="keep the first N documents of the shuffled corpus")
     try:
+        args = parser.parse_args(argv)
         folder = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(folder):
             raise UserError(f"--output {args.output}: folder {folder} does not exist; create it first")

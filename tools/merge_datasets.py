@@ -18,10 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from megatron.core.datasets.indexed import IndexedDataset, IndexedDatasetBuilder  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
+from megatron.training.cli import ArgumentParser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])  # a bad flag is one `error:` line
     p.add_argument("--input", type=str, required=True, help="folder holding the .bin/.idx pairs to merge")
     p.add_argument("--output-prefix", type=str, required=True, help="writes {prefix}.bin and {prefix}.idx")
     p.add_argument("--multimodal", action="store_true", help="not supported (Megatron's multimodal index)")
@@ -70,8 +71,8 @@ def merge(folder: str, output_prefix: str) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.multimodal:
             raise UserError("--multimodal indexes are not supported; merge text datasets only")
         stats = merge(args.input, args.output_prefix)

@@ -17,7 +17,6 @@ to the trainer. Outputs are written to a temporary folder beside `--output-dir` 
 so a failed run leaves nothing behind.
 """
 
-import argparse
 import io
 import json
 import os
@@ -25,8 +24,12 @@ import shlex
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from megatron.core.errors import UserError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from megatron.core.errors import UserError  # noqa: E402
+from megatron.training.cli import ArgumentParser  # noqa: E402
 
 EOD_TOKEN = "<|endoftext|>"
 TYPES = ("gpt2-bpe", "sentencepiece", "wordpiece")
@@ -142,7 +145,7 @@ def flags_for(kind: str, paths, cased: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])  # a bad flag is one `error:` line
     parser.add_argument("--input", required=True, help="JSONL corpus, one document per line")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose text is used")
     parser.add_argument("--vocab-size", type=int, required=True, help="target vocab size")
@@ -150,8 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", required=True, help="folder to write the tokenizer files into")
     parser.add_argument("--cased", action="store_true",
                         help="wordpiece: keep case and accents (BertWordPieceCase); default lowercases")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         out_dir = os.path.abspath(args.output_dir)
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise UserError(f"--output-dir {args.output_dir} is a file; pass a folder")

@@ -5,10 +5,13 @@ argparse namespace: `build_configs` hands out dataclasses.
 """
 
 import argparse
+import os
 import sys
 
 from megatron.core.errors import UserError
 from megatron.core.tokenizer import add_tokenizer_args
+from megatron.training.cli import ArgumentParser
+from megatron.training.run_length import check_ltd_flags, resolve_run_length
 
 
 def _int_or_float(text: str) -> int:
@@ -19,9 +22,7 @@ def _int_or_float(text: str) -> int:
     return int(value)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise UserError(f"{message} (see --help)")
+_Parser = ArgumentParser  # one `error:` line on a bad flag, no usage dump (kept for older imports)
 
 
 def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> argparse.ArgumentParser:
@@ -60,7 +61,8 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
-    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch x data-parallel size (no gradient accumulation)")
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-samples", type=int, default=None)
     g.add_argument("--train-tokens", type=_int_or_float, default=None, help="raw tokens read (samples x seq)")
@@ -113,8 +115,10 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
 
     g = p.add_argument_group("random-LTD")
     g.add_argument("--random-ltd", action="store_true", help="enable random layerwise token dropping")
-    g.add_argument("--random-ltd-start-seq-length", type=int, default=128)
-    g.add_argument("--random-ltd-seq-step", type=int, default=16)
+    # default None = "not given" (a warning names LTD flags given without --random-ltd); 128 and 16 are
+    # filled in by check_ltd_flags
+    g.add_argument("--random-ltd-start-seq-length", type=int, default=None, help="r_0 (default 128)")
+    g.add_argument("--random-ltd-seq-step", type=int, default=None, help="q (default 16)")
     g.add_argument("--random-ltd-ramp-iters", type=int, default=None)
     g.add_argument("--random-ltd-ramp-fraction", type=float, default=None)
     g.add_argument("--random-ltd-layers", default=None, help="0-based layers, e.g. 1-22 (default: all but first and last)")
@@ -144,11 +148,11 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Cross-flag rules, with Megatron's derived defaults filled in."""
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size
-    if args.micro_batch_size < 1 or args.global_batch_size < 1:
+    # A missing --global-batch-size stays None here: Megatron's default, micro batch x data-parallel
+    # size, is known only once the process group exists (trainer._pretrain fills it in).
+    if args.micro_batch_size < 1 or (args.global_batch_size is not None and args.global_batch_size < 1):
         raise UserError("--micro-batch-size and --global-batch-size must be positive")
-    if args.global_batch_size % args.micro_batch_size:
+    if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
         raise UserError(
             f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
             f"{args.micro_batch_size}; gradient accumulation needs a whole number of micro-batches"
@@ -185,6 +189,33 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--exit-interval must be positive")
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise UserError("--exit-duration-in-mins must be positive")
+    _check_loss_scale_flags(args)
+    # random-LTD and run length: checked now, before the process group, the banner or the model exist
+    check_ltd_flags(args)
+    probe = args
+    if args.global_batch_size is None:  # the DP size torchrun's WORLD_SIZE implies; _pretrain sets the real one
+        dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // (args.tensor_model_parallel_size *
+                                                             args.pipeline_model_parallel_size))
+        probe = argparse.Namespace(**{**vars(args), "global_batch_size": args.micro_batch_size * dp})
+    resolve_run_length(probe, args.num_layers)
+
+
+def _check_loss_scale_flags(args: argparse.Namespace) -> None:
+    """The fp16 loss-scale flags (checked in every precision: no value they refuse means anything)."""
+    if args.loss_scale is not None and not args.loss_scale > 0:
+        raise UserError(f"--loss-scale must be positive, got {args.loss_scale:g} (the gradients are divided by "
+                        "it); omit it for dynamic loss scaling")
+    if args.hysteresis < 1:
+        raise UserError(f"--hysteresis must be >= 1, got {args.hysteresis}: it counts the overflowing iterations "
+                        "before the loss scale is halved")
+    if args.loss_scale_window < 1:
+        raise UserError(f"--loss-scale-window must be >= 1, got {args.loss_scale_window}: it counts the clean "
+                        "iterations before the loss scale is doubled")
+    if not args.min_loss_scale > 0:
+        raise UserError(f"--min-loss-scale must be positive, got {args.min_loss_scale:g}")
+    if not args.initial_loss_scale >= args.min_loss_scale:
+        raise UserError(f"--initial-loss-scale {args.initial_loss_scale:g} is below --min-loss-scale "
+                        f"{args.min_loss_scale:g}; raise the first or lower the second")
 
 
 def print_args(args: argparse.Namespace, file=None) -> None:

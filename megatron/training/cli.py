@@ -1,8 +1,21 @@
 """Entry-point wrapper: a user's mistake becomes one `error:` line and exit code 2, never a traceback."""
 
+import argparse
 import sys
 
 from megatron.core.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad-flag errors raise UserError instead of printing a usage block and exiting, so
+    `run_cli` (or a tool's own handler) prints them as the same one `error:` line as every other mistake."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --lr must never silently mean --lr-decay-style
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 def user_message(exc: BaseException) -> str:

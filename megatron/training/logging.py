@@ -21,8 +21,9 @@ def timestamp() -> str:
 
 
 def format_train_line(m: dict, metric_names=("lm loss",)) -> str:
-    """Megatron's training log line; LTD fields are added when random-LTD is on. `metric_names` are the
-    loss_fn metrics ("lm loss", "sop loss", ...), read from `m` under their underscored keys."""
+    """Megatron's training log line. The LTD fields are printed only when `m["random_ltd"]` is true, so a
+    dense run's line is Megatron's (the JSON record keeps them either way). `metric_names` are the loss_fn
+    metrics ("lm loss", "sop loss", ...), read from `m` under their underscored keys."""
     parts = [
         f" [{timestamp()}] iteration {m['iteration']:8d}/{m['train_iters']:8d}",
         f"consumed samples: {m['consumed_samples']:12d}",
@@ -32,7 +33,7 @@ def format_train_line(m: dict, metric_names=("lm loss",)) -> str:
         f"global batch size: {m['global_batch_size']:5d}",
     ]
     parts += [f"{name}: {m[name.replace(' ', '_')]:.6E}" for name in metric_names]
-    if "ltd_seq_length" in m:
+    if m.get("random_ltd"):
         parts += [
             f"ltd seq length: {m['ltd_seq_length']:5d}",
             f"consumed layer tokens: {m['consumed_layer_tokens']:d}",
@@ -48,9 +49,11 @@ def format_train_line(m: dict, metric_names=("lm loss",)) -> str:
 
 
 def format_validation_block(iteration: int, loss: float, name: str = "validation", others=None) -> str:
-    """`others`: further metrics {"sop loss": value, ...}, printed as `sop loss value: ...`."""
+    """Megatron's block: ` validation loss at iteration N on {validation,test} set | ...` (Megatron says
+    "validation loss" for the test set too). `others`: further metrics {"sop loss": value, ...}, printed
+    as `sop loss value: ...`."""
     ppl = math.exp(min(20.0, loss))
-    line = (f" {name} loss at iteration {iteration} on {name} set | lm loss value: {loss:.6E} | "
+    line = (f" validation loss at iteration {iteration} on {name} set | lm loss value: {loss:.6E} | "
             f"lm loss PPL: {ppl:.6E} | ")
     line += "".join(f"{k} value: {v:.6E} | " for k, v in (others or {}).items())
     dashes = "-" * len(line)

@@ -46,7 +46,8 @@ from megatron.training.signals import Deadline, SignalRecorder, any_rank, ignore
 from megatron.training.state import TrainState
 
 # forward_step(data_iterator, model) -> (output tensor, loss_fn); on the last pipeline stage
-# loss_fn(output) -> (loss scalar, {metric name: tensor}). Each batch from the iterator carries "ltd".
+# loss_fn(output) -> (loss scalar, {metric name: tensor, or (numerator, denominator) for a ratio of totals,
+# see _mean_metrics}). Each batch from the iterator carries "ltd".
 ForwardStep = Callable
 
 
@@ -81,16 +82,68 @@ class NumericalFault(UserError):
     and no traceback: the remedy (resume from the last checkpoint, lower the LR) is the user's."""
 
 
-# Flags a checkpoint's model must share with the run that loads it (shape and meaning of the weights).
+# Flags a checkpoint's model must share with the run that loads it (shape and meaning of the weights);
+# the position flags only where the position embedding uses them (rope has no table, learned no base).
 MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "position_embedding_type",
-               "normalization", "swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights",
-               "padded_vocab_size", "true_vocab_size")
+               "normalization", "norm_epsilon", "swiglu", "disable_bias_linear",
+               "untie_embeddings_and_output_weights", "padded_vocab_size", "true_vocab_size", "bert_binary_head")
+POSITION_FLAGS = {"learned_absolute": ("max_position_embeddings",), "rope": ("rotary_base",)}
+
+
+def _flag_text(key: str, saved, here) -> str:
+    if key == "bert_binary_head":  # store_false flag: name the flag the user types
+        return f"--bert-no-binary-head {not saved!r} in the checkpoint, {not here!r} here"
+    name = key if key.endswith("vocab_size") else "--" + key.replace("_", "-")
+    return f"{name} {saved!r} in the checkpoint, {here!r} here"
+
+
+def check_model_flags(saved: dict, args, where: str) -> None:
+    """Every model flag that differs between a checkpoint's saved args and this run's, in one line
+    (not only the first). Flags the checkpoint does not record (older checkpoints) are not compared."""
+    keys = MODEL_FLAGS + POSITION_FLAGS.get(getattr(args, "position_embedding_type", None), ())
+    differ = [(k, saved[k], getattr(args, k)) for k in keys
+              if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+    if differ:
+        text = "; ".join(_flag_text(*d) for d in differ)
+        raise UserError(f"{where} has another model: {text}; use the checkpoint's model flags")
+
+
+def describe_state_dict_mismatch(expected: dict, saved: dict, limit: int = 3) -> str:
+    """Why `saved` does not load into a model whose state dict is `expected`, in one line: missing and
+    unexpected keys and differing shapes, `limit` of each, then how many more."""
+    def few(items):
+        return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [f"{k} {list(saved[k].shape)} in the checkpoint, {list(v.shape)} here" for k, v in expected.items()
+              if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(v.shape)]
+    parts = [f"{what} {few(items)}" for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                        ("shapes differ:", shapes)) if items]
+    return "; ".join(parts)
 
 
 def _mean_metrics(metrics: list) -> dict:
-    """{name: mean over this rank's micro-batches and the data-parallel group} for every metric that
-    loss_fn returns ("lm loss", BERT's "sop loss", ...); {} off the last pipeline stage."""
-    return {name: float(_mean_over_dp([m[name] for m in metrics])) for name in (metrics[0] if metrics else {})}
+    """{name: value} for every metric that loss_fn returns ("lm loss", BERT's "sop loss", ...); {} off the
+    last pipeline stage. A tensor is averaged over this rank's micro-batches and the data-parallel group
+    (Megatron's way for losses). A (numerator, denominator) pair is a ratio of totals: both are summed over
+    micro-batches and ranks and divided once (0 when nothing was counted), so BERT's MLM accuracy weighs
+    every predicted token alike and a micro-batch without one does not count as 0."""
+    out = {}
+    for name in metrics[0] if metrics else {}:
+        values = [m[name] for m in metrics]
+        out[name] = _ratio_over_dp(values) if isinstance(values[0], tuple) else float(_mean_over_dp(values))
+    return out
+
+
+def _ratio_over_dp(pairs: list) -> float:
+    """sum(numerators) / sum(denominators) over this rank's micro-batches and the data-parallel group."""
+    total = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in pair])
+                         for pair in pairs]).sum(0).to(ps.get_device())  # [2]
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    num, den = total.tolist()
+    return num / den if den > 0 else 0.0
 
 
 def _mean_over_dp(values: list) -> Optional[torch.Tensor]:
@@ -102,6 +155,17 @@ def _mean_over_dp(values: list) -> Optional[torch.Tensor]:
         dist.all_reduce(mean, group=ps.get_data_parallel_group())
         mean /= ps.get_data_parallel_world_size()
     return mean
+
+
+def _first_nonfinite_losses(losses: dict) -> dict:
+    """The losses of the lowest rank whose loss is not finite (ranks off the last stage have none), so
+    every rank names the same values; gathered only on the fault path, where all ranks arrive together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return losses
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, losses)
+    bad = [g for g in gathered if g and not all(math.isfinite(v) for v in g.values())]
+    return bad[0] if bad else losses
 
 
 class Trainer:
@@ -117,6 +181,10 @@ class Trainer:
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.num_micro = self.G // (self.mbs * self.dp)
         self.run = run
+        # This pipeline stage's share of the LTD set (global layers [offset, offset + per_stage)), so a stage
+        # draws indices only for the layers it runs; a layer's indices do not depend on the others.
+        per_stage = num_layers // ps.get_pipeline_model_parallel_world_size()
+        self.stage_ltd_layers = run.stage_ltd_layers(ps.get_pipeline_model_parallel_rank() * per_stage, per_stage)
         self.check_nan = getattr(args, "check_for_nan_in_loss_and_grad", True)
         self.signals, self.deadline = signals, deadline or Deadline(getattr(args, "exit_duration_in_mins", None))
         self.sched_samples = 0  # LR schedule progress: successful optimizer steps only (Megatron's num_steps)
@@ -200,13 +268,15 @@ class Trainer:
             print_rank_0(f"WARNING: no checkpoint found at {root}; training from scratch")
             return
         iteration, ckpt = chosen
-        self._check_model_flags(ckpt.get("args") or {}, iteration)
+        where = f"checkpoint iteration {iteration} in {root}"
+        check_model_flags(ckpt.get("args") or {}, self.args, where)
         if not isinstance(ckpt.get("model"), dict):
-            raise UserError(f"checkpoint iteration {iteration} in {root} holds no model state dict")
+            raise UserError(f"{where} holds no model state dict")
         try:
             self.model.load_state_dict(ckpt["model"], strict=True)
-        except RuntimeError as e:
-            raise UserError(f"checkpoint in {root} does not fit this model: {str(e).splitlines()[0]}")
+        except RuntimeError as e:  # flags the checkpoint does not record (older checkpoints), or a foreign one
+            detail = describe_state_dict_mismatch(self.model.state_dict(), ckpt["model"])
+            raise UserError(f"{where} does not fit this model: {detail or ' '.join(str(e).split())[:300]}") from None
         if self.args.finetune:
             print_rank_0(f" loaded weights from {root} at iteration {iteration} (finetune: "
                          "iteration, optimizer and counters reset)")
@@ -238,16 +308,6 @@ class Trainer:
                             f"parallel {saved[0]} x {saved[1]}, this run uses {here[0]} x {here[1]}; convert it "
                             "with tools/checkpoint_util.py or launch the same layout")
 
-    def _check_model_flags(self, saved: dict, iteration: int) -> None:
-        """Every model flag that differs, in one line (not only the first)."""
-        differ = [(k, saved[k], getattr(self.args, k)) for k in MODEL_FLAGS
-                  if k in saved and hasattr(self.args, k) and saved[k] != getattr(self.args, k)]
-        if differ:
-            text = "; ".join(f"{k if k.endswith('vocab_size') else '--' + k.replace('_', '-')} {a!r} in the "
-                             f"checkpoint, {b!r} here" for k, a, b in differ)
-            raise UserError(f"checkpoint iteration {iteration} in {self.args.load} has another model: {text}; "
-                            "use the checkpoint's model flags")
-
     # ---- steps ------------------------------------------------------------------------------------
     def _step_forward(self, data_iterator, model):
         """The entry point's forward_step under this run's autocast."""
@@ -259,9 +319,9 @@ class Trainer:
         for m in range(self.num_micro):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iter).items()}
             ltd = None
-            if keep is not None and self.run.ltd_enabled:
+            if keep is not None and self.stage_ltd_layers:
                 ids = torch.from_numpy(global_sample_offsets(m, self.mbs, self.dp_rank, self.dp)).to(self.device)
-                ltd = RandomLTDState(self.args.seed, t, ids, keep, self.run.ltd_layers)  # ids: [b] in global batch
+                ltd = RandomLTDState(self.args.seed, t, ids, keep, self.stage_ltd_layers)  # ids: [b] in global batch
             batch["ltd"] = ltd
             yield batch
 
@@ -318,7 +378,8 @@ class Trainer:
                             ignore_stop_signals if self.signals is not None else None)
         print_rank_0(f" training for {train_iters} iterations ({self.run.describe()}) on {self.device}"
                      f"{self._layout()}")
-        interval = {"time": 0.0, "iters": 0, "losses": {}}
+        # per log interval, as in Megatron: time, iterations, loss sums, skipped and nan iteration counts
+        interval = {"time": 0.0, "iters": 0, "losses": {}, "skipped": 0, "nan": 0}
         stop = False
         while st.iteration < train_iters and not self.run.budget_reached(st.consumed_layer_tokens):
             t = st.iteration
@@ -339,6 +400,8 @@ class Trainer:
             st.nan_iterations += int(bad_loss)
             interval["time"] += dt
             interval["iters"] += 1
+            interval["skipped"] += int(result.skipped)
+            interval["nan"] += int(bad_loss)
             for name, value in losses.items():
                 interval["losses"][name] = interval["losses"].get(name, 0.0) + value
             stop, bad_loss = self._stop_requested([self.check_nan and bad_loss])
@@ -347,7 +410,7 @@ class Trainer:
                 self._fault(losses, result)
             if st.iteration % args.log_interval == 0:
                 self._log(interval, lr, keep, result)
-                interval = {"time": 0.0, "iters": 0, "losses": {}}
+                interval = {"time": 0.0, "iters": 0, "losses": {}, "skipped": 0, "nan": 0}
             if self.valid_ds is not None and args.eval_iters > 0 and st.iteration % args.eval_interval == 0:
                 self._validate()
             if args.save and args.save_interval and st.iteration % args.save_interval == 0:
@@ -356,6 +419,8 @@ class Trainer:
                 stop, self._stop_reason = True, ["--exit-interval"]
             if stop:
                 break
+        if interval["iters"]:  # the iterations since the last log line, so the run's end is on record
+            self._log(interval, lr, keep, result)
         if args.save and self.last_saved != st.iteration:
             self.save()
         if stop:  # Megatron's early exits skip the end-of-training evaluation
@@ -383,11 +448,14 @@ class Trainer:
         return [bool(reasons)] + flags[2:]
 
     def _fault(self, losses: dict, result) -> None:
-        """Stop on an inf/NaN that loss scaling cannot absorb, before anything is saved."""
+        """Stop on an inf/NaN that loss scaling cannot absorb, before anything is saved. Every rank gets
+        here on the same iteration (the loss verdict is all-reduced, the gradient norm is global) and
+        raises the same line: the losses shown are those of the first rank whose loss is not finite."""
         it, precision = self.state.iteration, "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
         if result.nonfinite:
             what = f"the gradient norm is {result.grad_norm} ({precision}); the update was not applied"
         else:
+            losses = _first_nonfinite_losses(losses)
             shown = ", ".join(f"{k} {v}" for k, v in losses.items()) or "the loss on another rank"
             what = f"the loss is not finite ({shown}, {precision})"
         resume = (f"the last checkpoint is {self.last_checkpoint}: resume from it with --load (perhaps with a "
@@ -430,15 +498,24 @@ class Trainer:
             "tokens_per_sec": self.G * self.s / (elapsed_ms / 1000.0),
             "lr": lr, "global_batch_size": self.G,
             **{k.replace(" ", "_"): v / n for k, v in interval["losses"].items()},  # lm_loss, sop_loss, ...
+            "random_ltd": bool(getattr(self.args, "random_ltd", False)),  # the log line prints LTD fields
             "ltd_seq_length": keep,  # r_t, or s when random-LTD is off
             "consumed_layer_tokens": st.consumed_layer_tokens,
             "layer_token_saving": theoretical_saving(st.consumed_layer_tokens, self.num_layers, self.s,
                                                      st.consumed_train_samples),
             "loss_scale": result.loss_scale, "grad_norm": result.grad_norm,
-            "skipped_iterations": st.skipped_iterations, "nan_iterations": st.nan_iterations,
+            # in this interval (Megatron resets them after each log line); the run's totals are in TrainState
+            "skipped_iterations": interval["skipped"], "nan_iterations": interval["nan"],
             "train_time_s": st.train_time_ms / 1000,
         }
         self.logger.train(m, metric_names=tuple(interval["losses"]))
+        if self.device.type == "cuda" and not getattr(self, "_memory_reported", False):
+            self._memory_reported = True  # once, after the first logged iteration, as Megatron does
+            mb, c = 2.0 ** 20, torch.cuda
+            print(f"[Rank {dist.get_rank() if dist.is_initialized() else 0}] (after {st.iteration} iterations) "
+                  f"memory (MB) | allocated: {c.memory_allocated() / mb:.1f} | max allocated: "
+                  f"{c.max_memory_allocated() / mb:.1f} | reserved: {c.memory_reserved() / mb:.1f} | max reserved: "
+                  f"{c.max_memory_reserved() / mb:.1f}", flush=True)
 
 
 def pretrain(args, model_provider, datasets_provider, forward_step: ForwardStep) -> TrainState:
@@ -462,6 +539,8 @@ def _pretrain(args, model_provider, datasets_provider, forward_step, signals, de
     world = dist.get_world_size() if dist.is_initialized() else 1
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     dp = ps.check_parallel_sizes(world, tp, pp)
+    if args.global_batch_size is None:  # Megatron's default: one micro batch per DP rank, no accumulation
+        args.global_batch_size = args.micro_batch_size * dp
     if args.num_layers % pp:
         raise UserError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}; "
                         "pipeline stages must hold equal numbers of layers")

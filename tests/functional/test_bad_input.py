@@ -50,3 +50,5 @@ def test_bad_input(tmp_path, case, damage, extra, needle):
     assert needle in lines[0], (case, lines[0])
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not out.exists(), f"{case}: left {os.listdir(out)}"
+    data = sorted(os.listdir(tmp_path / "data"))  # no index cache, no token-range cache, no folder
+    assert data == ["pattern_text_document.bin", "pattern_text_document.idx"], (case, data)

@@ -34,7 +34,7 @@ import hashlib
 import json
 import os
 import struct
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -140,6 +140,22 @@ class IndexedDatasetBuilder:
         self._file.write(a.tobytes())
         self._lengths.extend(int(n) for n in lengths)
         self._doc_indices.append(len(self._lengths))
+
+    def add_documents(self, tokens, lengths, sequences_per_document) -> None:
+        """Append many documents in one write: the same bytes as `add_document` once per document.
+
+        `tokens` is every sequence concatenated, `lengths` the length of each sequence, and
+        `sequences_per_document` how many of those sequences each document has (0: an empty document).
+        """
+        a = self._as_tokens(tokens)  # [sum(lengths)]
+        lengths = np.ascontiguousarray(lengths, dtype=np.int32).reshape(-1)  # [S_new]
+        counts = np.asarray(sequences_per_document, dtype=np.int64).reshape(-1)  # [D_new]
+        assert a.size == int(lengths.sum(dtype=np.int64)), f"{a.size} tokens but lengths sum to {lengths.sum()}"
+        assert lengths.size == int(counts.sum()), f"{lengths.size} sequences but documents hold {counts.sum()}"
+        self._file.write(memoryview(a).cast("B"))  # no copy; one write per call
+        ends = len(self._lengths) + np.cumsum(counts)  # [D_new] new entries of document_indices
+        self._lengths.frombytes(lengths.tobytes())
+        self._doc_indices.frombytes(ends.astype(np.int64).tobytes())
 
     def add_index(self, prefix: str) -> None:
         """Append every document of the dataset at `prefix` (same dtype), e.g. to merge shards."""
@@ -308,8 +324,9 @@ class IndexedDataset:
 # -- start-up check: token ids within the vocabulary --------------------------------------------------
 # A full scan of a large .bin costs one sequential read (seconds per GB), too slow to repeat at every
 # start. It runs once per file version: (min, max) is cached as JSON in the dataset index cache, keyed
-# by the size, mtime and inode of both files, so a rewritten or replaced file is scanned again. Ranks
-# that start together take a lock on the cache folder, so one scans and the others read its result.
+# by the size, mtime and inode of both files, so a rewritten or replaced file is scanned again. Only a
+# range that passes the check is cached: a start-up that fails on bad ids leaves no file (nor folder).
+# Ranks that start together lock the dataset's .idx, so one scans and the others read its result.
 _SCAN_CHUNK = 1 << 26  # tokens per numpy reduction
 
 
@@ -318,16 +335,15 @@ def _file_key(prefix: str) -> list:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Optional[str]):
-    """flock on the folder itself; where the file system cannot lock, every process scans for itself."""
+def _file_lock(path: str):
+    """flock on an existing file (read-only is enough, nothing is created); where the file system cannot
+    lock, every process scans for itself."""
     fd = None
     try:
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(folder, os.O_RDONLY)
-            import fcntl
+        fd = os.open(path, os.O_RDONLY)
+        import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     except (OSError, ImportError):
         pass
     try:
@@ -358,21 +374,24 @@ def scan_token_range(ds: IndexedDataset) -> Tuple[int, int]:
     return lo, hi
 
 
-def token_range(ds: IndexedDataset, cache_dir: Optional[str]) -> Tuple[int, int]:
-    """scan_token_range, cached in `cache_dir` (None: scan every time)."""
+def token_range(ds: IndexedDataset, cache_dir: Optional[str],
+                accept: Optional[Callable[[int, int], bool]] = None) -> Tuple[int, int]:
+    """scan_token_range, cached in `cache_dir` (None: scan every time). A freshly scanned range that
+    `accept(lo, hi)` rejects is returned but not cached, so the failing caller leaves nothing on disk."""
     name = hashlib.md5(os.path.abspath(ds.prefix).encode("utf-8")).hexdigest() + "-token_range.json"
     path = os.path.join(cache_dir, name) if cache_dir else None
     key = _file_key(ds.prefix)
     found = _read_cached(path, key) if path else None
     if found:
         return found
-    with _folder_lock(cache_dir):
+    with _file_lock(idx_path(ds.prefix)):
         found = _read_cached(path, key) if path else None  # another rank may have scanned meanwhile
         if found:
             return found
         lo, hi = scan_token_range(ds)
-        if path:
+        if path and (accept is None or accept(lo, hi)):
             try:
+                os.makedirs(cache_dir, exist_ok=True)
                 tmp = f"{path}.{os.getpid()}.tmp"
                 with open(tmp, "w") as f:
                     json.dump({"prefix": os.path.abspath(ds.prefix), "key": key, "min": lo, "max": hi}, f)
@@ -383,13 +402,18 @@ def token_range(ds: IndexedDataset, cache_dir: Optional[str]) -> Tuple[int, int]
 
 
 def check_token_ids(ds: IndexedDataset, vocab_size: Optional[int], cache_dir: Optional[str]) -> None:
-    """UserError at start-up when any token id of `ds` lies outside [0, vocab_size)."""
+    """UserError at start-up when any token id of `ds` lies outside [0, vocab_size); the scanned range is
+    cached only when it fits, so the failed start writes nothing into the data folder."""
     if vocab_size is None:
         return
     if ds.dtype.kind == "u" and np.iinfo(ds.dtype).max < vocab_size:
         return  # every id the dtype can hold is in the vocabulary
-    lo, hi = token_range(ds, cache_dir)
-    if lo < 0 or hi >= vocab_size:
+
+    def fits(lo: int, hi: int) -> bool:
+        return lo >= 0 and hi < vocab_size
+
+    lo, hi = token_range(ds, cache_dir, accept=fits)
+    if not fits(lo, hi):
         raise UserError(
             f"token id {hi if hi >= vocab_size else lo} in {bin_path(ds.prefix)} is outside this tokenizer's vocab "
             f"of {vocab_size}: the data was probably preprocessed with another tokenizer; re-run "
