@@ -15,7 +15,10 @@ def _evaluate_on_rank(rank, world_size, ckpt, tasks_dir, expected, expected_coun
     assert (lm.rank, lm.world_size) == (rank, world_size)
     results = fixtures.evaluate(lm, tasks_dir)
     if rank == 0:
-        assert fixtures.metrics(results) == pytest.approx(expected, rel=1e-9)
+        # Each rank batches its own shard of the documents, so the fp32 forward passes see other batch
+        # compositions than the single process: equal up to fp32 rounding (a perplexity of ~3e7 is exp of a
+        # mean log-likelihood, which amplifies it), not bit for bit.
+        assert fixtures.metrics(results) == pytest.approx(expected, rel=1e-6)
         assert results["n-samples"] == expected_counts
         assert sum(len(s) for s in results["samples"].values()) == sum(c["effective"] for c in expected_counts.values())
     else:

@@ -11,11 +11,12 @@ shard `[b, s, V/tp]` and three all-reduces of `[b, s]` tensors supply what the l
 Backward needs no communication: d loss / d logits = softmax - onehot(target), and each rank owns both
 its slice of the softmax and, if the target is in its range, the one hot entry.
 
-Computed in fp32 whatever the logits' dtype. With tp == 1 it equals `F.cross_entropy(reduction='none')`.
+Computed in fp32 whatever the logits' dtype. With tp == 1 it is `F.cross_entropy(reduction='none')`.
 """
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron.core import parallel_state
 
@@ -56,14 +57,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):  # grad_loss: [...]
         softmax, local_target, foreign = ctx.saved_tensors
-        grad = softmax.clone()  # [..., V/tp]
+        grad = softmax  # [..., V/tp], in place as in Megatron: the saved softmax is not needed after this
         onehot = (~foreign).to(grad.dtype).unsqueeze(-1)  # [..., 1], 1 where this rank owns the target
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot)
         return grad.mul_(grad_loss.unsqueeze(-1)), None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-token loss, fp32: logits [..., V/tp] (this rank's vocabulary shard), target [...] global ids -> [...]."""
+    """Per-token loss, fp32: logits [..., V/tp] (this rank's vocabulary shard), target [...] global ids -> [...].
+
+    With one tensor-parallel rank the whole vocabulary is here and torch's fused log-softmax + NLL does the
+    same arithmetic in fewer passes over the [..., V] logits (the biggest tensor of a small model's step).
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        flat = logits.float().reshape(-1, logits.shape[-1])  # [n, V]
+        return F.cross_entropy(flat, target.reshape(-1), reduction="none").view(target.shape)  # [...]
     return _VocabParallelCrossEntropy.apply(logits.float(), target)
 
 
