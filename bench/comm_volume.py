@@ -30,6 +30,7 @@ moves 2 bytes in both directions.) `--precision fp32` counts 4 bytes both ways. 
 of this on a tiny model by counting the collectives a real 8-rank gloo run issues.
 
 Left out: 0-dim all-reduces (DP loss average, the model-parallel grad-norm and found-inf reductions),
+the per-iteration all-reduce of a few stop flags over all ranks (`signals.any_rank`),
 evaluation, checkpoint barriers. Parameters: learned absolute positions (replicated across TP, first
 stage), LayerNorm with bias, linear biases, ffn = 4h, tied embeddings (the last stage's copy of the word
 embeddings is a parameter there, so it is also in that stage's DP all-reduce). The padded vocabulary
@@ -239,7 +240,8 @@ def _count_worker(out_dir: str, argv: list[str]) -> None:
     real_all_reduce, real_batch = dist.all_reduce, dist.batch_isend_irecv
 
     def all_reduce(tensor, *args, group=None, **kwargs):
-        if tensor.dim() > 0:  # 0-dim: loss average, grad norm, found-inf (left out of the model)
+        control = group is None and tensor.numel() <= 8  # signals.any_rank: the per-iteration stop flags
+        if tensor.dim() > 0 and not control:  # 0-dim: loss average, grad norm, found-inf (left out of the model)
             counts[kind(group)] += tensor.numel() * tensor.element_size()
         return real_all_reduce(tensor, *args, group=group, **kwargs)
 

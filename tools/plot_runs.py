@@ -16,7 +16,6 @@ that was appended to by a resumed run is read as one run: a later record for the
 replaces the earlier one.
 """
 
-import argparse
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from megatron.core.errors import UserError  # noqa: E402
-from megatron.training.cli import run_cli  # noqa: E402
+from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 
 PLOTS = ("val_loss_vs_layer_tokens", "val_loss_vs_time", "train_loss_vs_layer_tokens", "ltd_seq_length")
 
@@ -151,7 +150,7 @@ def _zoom_to_tail(ax, runs: dict, kind: str, ykey: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", help="--log-json files, one per run")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per file")
     p.add_argument("--output-dir", required=True)

@@ -16,7 +16,6 @@ part of the book rather than only its end. Verse numbers and chapter headings ar
 verses are joined with single spaces.
 """
 
-import argparse
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from megatron.core.errors import UserError  # noqa: E402
-from megatron.training.cli import run_cli  # noqa: E402
+from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 
 HEADING = re.compile(r"^([1-3] )?[A-Z][A-Za-z ]+ \d+$")  # "Genesis 1", "1 Samuel 3", "Song of Solomon 2"
 VERSE = re.compile(r"^ +(\d+) (.*)$")
@@ -52,7 +51,7 @@ def parse_chapters(lines):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--text", required=True, help="output of: bible -p DATA_DIR gen1:1-rev22:21")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--heldout-every", type=int, default=20)
