@@ -22,11 +22,8 @@ def _int_or_float(text: str) -> int:
     return int(value)
 
 
-_Parser = ArgumentParser  # one `error:` line on a bad flag, no usage dump (kept for older imports)
-
-
 def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> argparse.ArgumentParser:
-    p = _Parser(description=description, allow_abbrev=False)
+    p = ArgumentParser(description=description)  # a bad flag is one `error:` line, no usage dump
 
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=True)

@@ -192,6 +192,7 @@ class Trainer:
         self.last_saved: Optional[int] = None  # iteration this run last saved
         self.last_checkpoint: Optional[str] = None  # "iteration N in DIR": the newest loaded or saved
         self._stop_reason: list = []
+        self._memory_reported = False  # CUDA: the memory line is printed once, after the first log
         params = [p for p in model.parameters() if p.requires_grad]
         self.grad_sync = DataParallelGradSync(params, group=ps.get_data_parallel_group()) if self.dp > 1 else None
         self.forward_backward = get_forward_backward_func()
@@ -509,8 +510,8 @@ class Trainer:
             "train_time_s": st.train_time_ms / 1000,
         }
         self.logger.train(m, metric_names=tuple(interval["losses"]))
-        if self.device.type == "cuda" and not getattr(self, "_memory_reported", False):
-            self._memory_reported = True  # once, after the first logged iteration, as Megatron does
+        if self.device.type == "cuda" and not self._memory_reported:
+            self._memory_reported = True
             mb, c = 2.0 ** 20, torch.cuda
             print(f"[Rank {dist.get_rank() if dist.is_initialized() else 0}] (after {st.iteration} iterations) "
                   f"memory (MB) | allocated: {c.memory_allocated() / mb:.1f} | max allocated: "
