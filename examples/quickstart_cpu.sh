@@ -3,7 +3,7 @@
 # Offline, about 5 minutes on 2 cores. Everything lands in $OUT (default runs/quickstart).
 # Knobs (environment): OUT, PYTHON (default: python), TRAIN_ITERS (400), MAX_DOCS (all of the corpus),
 # SPLIT (949,50,1), WARMUP_ITERS (TRAIN_ITERS / 10), LOG_INTERVAL (20), EVAL_INTERVAL (50),
-# EVAL_ITERS (10), SAVE_INTERVAL (200). tests/functional/test_quickstart.py runs a shrunken copy through these.
+# EVAL_ITERS (10), SAVE_INTERVAL (200), EXTRA_ARGS (more training flags, e.g. --exit-interval 50). tests/functional/test_quickstart.py runs a shrunken copy through these.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -43,7 +43,7 @@ rm -rf "$OUT/metrics.jsonl" "$OUT/tensorboard"  # a rerun starts fresh logs (one
   --merge-file "$OUT/tokenizer/merges.txt" --data-path "$OUT/data/corpus_text_document" --split "$SPLIT" \
   --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --num-workers 0 --seed 1234 \
   --save "$OUT/checkpoints" --save-interval "$SAVE_INTERVAL" --log-json "$OUT/metrics.jsonl" \
-  --tensorboard-dir "$OUT/tensorboard" 2>&1 | tee "$OUT/train.log"
+  --tensorboard-dir "$OUT/tensorboard" ${EXTRA_ARGS:-} 2>&1 | tee "$OUT/train.log"
 
 echo
 echo "done."
