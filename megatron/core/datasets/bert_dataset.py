@@ -35,23 +35,16 @@ Glossary: s = seq_length, N = samples in the index, A/B = the two segments.
 import array
 import itertools
 import math
-import os
 from bisect import bisect_left
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron.core.datasets.gpt_dataset import (
-    SPLIT_NAMES,
-    cached_arrays,
-    describe,
-    parse_blend,
-    parse_split,
-    split_matrix,
-    split_range,
-)
-from megatron.core.datasets.indexed import IndexedDataset, check_token_ids
+from megatron.core.datasets.builder import build_splits
+from megatron.core.datasets.common import DatasetConfig, cached_arrays, describe
+from megatron.core.datasets.indexed import IndexedDataset
+from megatron.core.datasets.mt19937 import MT19937, MT19937_64
 from megatron.core.errors import UserError
 
 LONG_SENTENCE_LEN = 512  # a document with a longer sentence is skipped (unless it is its only sentence)
@@ -59,23 +52,18 @@ _MAX_EPOCHS = np.iinfo(np.int32).max - 1  # Megatron's "until num_samples" epoch
 
 
 @dataclass
-class BertDatasetConfig:
-    """What the BERT datasets need from the command line."""
+class BertDatasetConfig(DatasetConfig):
+    """What the BERT datasets need from the command line, beyond DatasetConfig's shared fields.
 
-    seq_length: int
-    """--seq-length: tokens per sample, [CLS] and both [SEP] included; shorter samples are padded."""
+    For BERT, seq_length counts [CLS] and both [SEP]; shorter samples are padded. The seed seeds the
+    sample index and, with the sample number, each sample's draws. --data-path names sentence-level data
+    (`*_text_sentence`); --split divides documents (contiguous ranges). The cache defaults to
+    `<dir of first prefix>/cache/BertDataset_indices`.
+    """
 
-    seed: int = 1234
-    """--seed: seeds the sample index and, with the sample number, each sample's draws."""
-
-    data_path: Optional[List[str]] = None
-    """--data-path: `prefix`, `w1 p1 w2 p2 ...` or `p1 p2 ...` of sentence-level data (`*_text_sentence`)."""
-
-    split: str = "969,30,1"
-    """--split: train,valid,test weights over the documents (contiguous ranges)."""
-
-    data_cache_path: Optional[str] = None
-    """--data-cache-path: index cache folder; default `<dir of first prefix>/cache/BertDataset_indices`."""
+    name = "BERT"
+    cache_folder = "BertDataset_indices"
+    no_data_hint = "(sentence-level, from preprocess_data.py --split-sentences)"
 
     masked_lm_prob: float = 0.15
     """--mask-prob: share of a sample's tokens to predict."""
@@ -96,16 +84,7 @@ class BertDatasetConfig:
     tokenizer: Any = None
     """The tokenizer object: `cls`, `sep`, `mask`, `pad`, `vocab_size`, `inv_vocab` (WordPiece)."""
 
-    tokenizer_description: str = ""
-    """Names the tokenizer (type and files) in the cache key."""
-
-    blend: Tuple[List[str], Optional[List[float]]] = field(init=False, default=None)
-    """Parsed data_path: (prefixes, weights or None)."""
-
-    split_matrix: List[Optional[Tuple[float, float]]] = field(init=False, default=None)
-    """Parsed split: book-ends per split, None for an empty split."""
-
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if not isinstance(self.seq_length, int) or self.seq_length < 5:
             raise UserError(f"--seq-length must be an integer >= 5 for BERT ([CLS] A [SEP] B [SEP]), "
                             f"got {self.seq_length}")
@@ -119,19 +98,8 @@ class BertDatasetConfig:
             raise UserError(f"max_ngram must be an integer >= 1, got {self.max_ngram}")
         if self.tokenizer is None:
             raise UserError("the BERT dataset needs the tokenizer (a WordPiece vocab)")
-        for name in ("cls", "sep", "mask", "pad"):  # a UserError naming the fix for a non-WordPiece tokenizer
-            getattr(self.tokenizer, name)
-        if not self.data_path:
-            raise UserError("no training data: pass --data-path PREFIX (sentence-level, from "
-                            "preprocess_data.py --split-sentences)")
-        self.blend = parse_blend(self.data_path)
-        self.split_matrix = split_matrix(parse_split(self.split))
-
-    @property
-    def cache_dir(self) -> str:
-        if self.data_cache_path:
-            return self.data_cache_path
-        return os.path.join(os.path.dirname(self.blend[0][0]), "cache", "BertDataset_indices")
+        for special in ("cls", "sep", "mask", "pad"):  # a UserError naming the fix for a non-WordPiece tokenizer
+            getattr(self.tokenizer, special)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,77 +108,19 @@ class BertDatasetConfig:
 _BLOCK_SENTENCES = 1 << 22  # sentences whose prefix sums are held at once (32 MB of int64)
 _TARGET_BLOCK = 1 << 16  # target lengths drawn per numpy call
 _SHUFFLE_BLOCK = 1 << 16  # Fisher-Yates picks drawn per numpy call
-_BUILD_WAIT_HOURS = 24  # how long the other ranks wait for rank 0's index build
 
 
-class _MT19937Stream:
-    """std::mt19937(seed) raw 32-bit outputs (numpy's MT19937 after the same seeding)."""
+def _targets(seed: int, ratio: int, max_len: int) -> Iterator[int]:
+    """Megatron's get_target_sample_len per draw r of std::mt19937(seed): 2 + r % (max_len - 1) when
+    r % ratio == 0, else max_len."""
+    rng = MT19937(seed)
 
-    def __init__(self, seed: int):
-        key, pos = np.random.RandomState(seed).get_state()[1:3]  # init_genrand(seed), as std::mt19937
-        self._bits = np.random.MT19937()
-        self._bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+    def blocks():
+        while True:
+            r = rng.next(_TARGET_BLOCK)  # [block] uint64 holding 32-bit values
+            yield np.where(r % ratio == 0, 2 + r % (max_len - 1), max_len).tolist()
 
-    def targets(self, ratio: int, max_len: int) -> Iterator[int]:
-        """Megatron's get_target_sample_len per draw: 2 + r % (max_len - 1) when r % ratio == 0, else max_len."""
-        def blocks():
-            while True:
-                r = self._bits.random_raw(_TARGET_BLOCK)  # [block] uint64 holding 32-bit values
-                yield np.where(r % ratio == 0, 2 + r % (max_len - 1), max_len).tolist()
-
-        return itertools.chain.from_iterable(blocks())  # C-level iteration within a block
-
-
-_U64 = np.uint64
-
-
-class _MT19937_64:
-    """std::mt19937_64(seed) (the 64-bit Mersenne Twister), vectorized over its 312-word state."""
-
-    nn, mm = 312, 156
-
-    def __init__(self, seed: int):
-        mask64 = (1 << 64) - 1
-        state = [seed & mask64]
-        for i in range(1, self.nn):
-            prev = state[-1]
-            state.append((6364136223846793005 * (prev ^ (prev >> 62)) + i) & mask64)
-        self._mt = np.array(state, dtype=np.uint64)
-        self._left = np.zeros(0, dtype=np.uint64)  # outputs of the last twist not yet handed out
-
-    def _twist(self) -> np.ndarray:
-        nn, mm, mt = self.nn, self.mm, self._mt
-        upper, lower, matrix_a = _U64(0xFFFFFFFF80000000), _U64(0x7FFFFFFF), _U64(0xB5026F5AA96619E9)
-
-        def mix(hi, lo):  # twist of (upper bits of hi | lower bits of lo)
-            x = (hi & upper) | (lo & lower)
-            return (x >> _U64(1)) ^ np.where(x & _U64(1), matrix_a, _U64(0))
-
-        # Three slices so each reads the values the sequential loop would see (old ahead, new behind).
-        mt[: nn - mm] = mt[mm:] ^ mix(mt[: nn - mm], mt[1 : nn - mm + 1])
-        mt[nn - mm : nn - 1] = mt[: mm - 1] ^ mix(mt[nn - mm : nn - 1], mt[nn - mm + 1 :])
-        mt[nn - 1 :] = mt[mm - 1 : mm] ^ mix(mt[nn - 1 :], mt[:1])
-        y = mt.copy()
-        y ^= (y >> _U64(29)) & _U64(0x5555555555555555)
-        y ^= (y << _U64(17)) & _U64(0x71D67FFFEDA60000)
-        y ^= (y << _U64(37)) & _U64(0xFFF7EEE000000000)
-        y ^= y >> _U64(43)
-        return y
-
-    def next(self, n: int) -> np.ndarray:
-        """The next n outputs, uint64 [n]."""
-        parts, have = [self._left], len(self._left)
-        while have < n:
-            parts.append(self._twist())
-            have += self.nn
-        out = np.concatenate(parts)
-        self._left = out[n:].copy()
-        return out[:n]
-
-
-def mt19937_64(seed: int, n: int) -> np.ndarray:
-    """The first n outputs of std::mt19937_64(seed), uint64 [n]."""
-    return _MT19937_64(seed).next(n)
+    return itertools.chain.from_iterable(blocks())  # C-level iteration within a block
 
 
 def _blocks(docs: np.ndarray) -> List[Tuple[int, int]]:
@@ -290,7 +200,7 @@ def build_sample_mapping(
     if ratio == 0:
         next_target = itertools.repeat(max_seq_length).__next__
     else:
-        next_target = _MT19937Stream(seed).targets(ratio, max_seq_length).__next__
+        next_target = _targets(seed, ratio, max_seq_length).__next__
 
     blocks = _blocks(docs) if len(docs) > 1 else []
     single = [_block_tables(docs, sizes, *blocks[0], min_num_sent)] if len(blocks) == 1 else None
@@ -321,7 +231,7 @@ def _shuffle_rows(mapping: np.ndarray, seed: int) -> None:
         return
     perm = np.arange(n, dtype=np.uint32 if n <= np.iinfo(np.uint32).max else np.uint64)  # [n]
     p = memoryview(perm)
-    rand64 = _MT19937_64(seed)
+    rand64 = MT19937_64(seed)
     for hi in range(n - 1, 0, -_SHUFFLE_BLOCK):  # i = hi, hi-1, ..., down to max(lo, 1)
         lo = max(hi - _SHUFFLE_BLOCK, 0)
         bounds = np.arange(hi + 1, lo + 1, -1, dtype=np.uint64)  # [hi - lo] i + 1 for i = hi .. lo+1
@@ -347,6 +257,11 @@ class BertDataset:
         split_name: str,
         config: BertDatasetConfig,
     ) -> None:
+        ids = np.asarray(document_ids, dtype=np.int64)
+        if not len(ids):
+            raise UserError(f"the {split_name} split of {prefix} has no documents ({indexed.num_documents} in "
+                            "all); give it more data or set its --split weight to 0")
+        assert np.all(np.diff(ids) == 1), "a split is a contiguous document range"
         self.indexed = indexed
         self.prefix = prefix
         self.split_name = split_name
@@ -361,8 +276,6 @@ class BertDataset:
         for i, piece in inv_vocab.items():
             self.continues_word[i] = piece.startswith("##")
 
-        ids = np.asarray(document_ids, dtype=np.int64)
-        assert len(ids) and np.all(np.diff(ids) == 1), "a split is a non-empty contiguous document range"
         docs = np.asarray(indexed.document_indices[np.append(ids, ids[-1] + 1)], dtype=np.int64)  # [D + 1]
         min_sentences = 2 if config.binary_head else 1
         self.description = {
@@ -509,83 +422,12 @@ class BertDataset:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Splits and blends
+# Splits and blends (builder.build_splits, as for GPT; --split divides documents)
 # ---------------------------------------------------------------------------------------------------
-def _build_splits(config: BertDatasetConfig, prefix: str, indexed: IndexedDataset,
-                  sizes: Sequence[Optional[int]]) -> list:
-    """One BertDataset per split of one prefix (None where the split is off, empty or needs no samples)."""
-    n = indexed.num_documents
-    out = []
-    for name, bookends, size in zip(SPLIT_NAMES, config.split_matrix, sizes):
-        if bookends is None or size == 0:
-            out.append(None)
-            continue
-        beg, end = split_range(bookends, n)
-        if beg == end:
-            if size is not None:
-                raise UserError(f"the {name} split of {prefix} has no documents ({n} in all); give it more "
-                                "data or set its --split weight to 0")
-            out.append(None)  # a one-epoch blend part: the blend reports the empty split
-            continue
-        out.append(BertDataset(indexed, prefix, np.arange(beg, end), size, name, config))
-    return out
-
-
 def build_bert_datasets(config: BertDatasetConfig, num_samples: Sequence[Optional[int]]) -> tuple:
     """(train, valid, test) datasets with at least num_samples[i] samples each (None: one epoch).
 
     A split is None when its --split weight is 0 or it needs 0 samples; blends as for GPT.
     """
-    from megatron.core.datasets.blended import build_blended_splits
-
-    sizes = list(num_samples)
-    assert len(sizes) == 3, "num_samples is (train, valid, test)"
-    prefixes, weights = config.blend
-    indexed = [IndexedDataset(p) for p in prefixes]  # a missing or broken file fails before any work
-    for x in indexed:  # ids beyond the vocabulary, found at start-up (one cached scan per file version)
-        check_token_ids(x, config.tokenizer.vocab_size, config.cache_dir)
-
-    def build() -> tuple:
-        if len(prefixes) == 1 and weights is None:
-            return tuple(_build_splits(config, prefixes[0], indexed[0], sizes))
-        return build_blended_splits(
-            prefixes, weights, sizes, config.split_matrix,
-            lambda k, part_sizes: _build_splits(config, prefixes[k], indexed[k], part_sizes),
-            config.cache_dir, "without a document that makes a BERT sample",
-        )
-
-    return on_rank_0_first(build)
-
-
-def on_rank_0_first(build: Callable[[], Any]) -> Any:
-    """`build()` on global rank 0, then, after a collective, on the other ranks.
-
-    Rank 0 builds the sample indices and writes them to the cache; the others then find the files and
-    memory-map them (cached_arrays) instead of each spending the build's time and memory, as Megatron's
-    builder does. Where a rank cannot see rank 0's cache folder (a node-local path) it builds its own copy,
-    byte-identical. A UserError on rank 0 is raised on every rank, so none waits forever. The wait runs
-    in a CPU (gloo) group of its own whose timeout outlasts a long build (the default group's 10 minutes
-    would not); if rank 0 dies instead, torchrun stops the others.
-    """
-    import datetime
-
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return build()
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=_BUILD_WAIT_HOURS))
-    result, failure, message = None, None, [None]
-    if dist.get_rank() == 0:
-        try:
-            result = build()
-        except Exception as e:  # every rank must reach the collective below
-            failure = e
-            message[0] = str(e) if isinstance(e, UserError) else (
-                f"rank 0 failed building the BERT datasets ({type(e).__name__}: {e}); see its traceback")
-    dist.broadcast_object_list(message, src=0, group=group)
-    dist.destroy_process_group(group)
-    if failure is not None:
-        raise failure
-    if message[0] is not None:
-        raise UserError(message[0])
-    return result if dist.get_rank() == 0 else build()
+    return build_splits(config, num_samples, BertDataset, lambda indexed: indexed.num_documents,
+                        config.tokenizer.vocab_size, "without a document that makes a BERT sample")

@@ -3,22 +3,21 @@
 Sample i of the blend comes from the dataset whose count lags its share the most: the largest error
 `w_d * max(i, 1) - count_d` (first dataset on ties). Dataset d serves its own samples in order, so the
 blend is deterministic and every part is read without repetition up to its share. The two index arrays
-match Megatron-LM's `build_blending_indices` bit for bit and are cached like the GPT indices:
+match Megatron-LM's `build_blending_indices` bit for bit and are cached like the GPT and BERT indices
+(common.cached_arrays):
 
     dataset_index        [size] int16   which dataset serves blend sample i
     dataset_sample_index [size] int64   which sample of that dataset
+
+builder.py makes the (train, valid, test) blends of a --data-path with several prefixes.
 """
 
 import array
-import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from megatron.core.datasets.gpt_dataset import SPLIT_NAMES, cached_arrays, describe
-from megatron.core.errors import UserError
-
-_BLEND_SURPLUS = 0.005  # each blended part builds 0.5% more samples than its share (Megatron's margin)
+from megatron.core.datasets.common import cached_arrays, describe
 
 
 def blending_indices(weights: Sequence[float], size: int) -> Dict[str, np.ndarray]:
@@ -125,55 +124,3 @@ class BlendedDataset:
         d = int(self.dataset_index[k])
         return self.datasets[d][int(self.dataset_sample_index[k])]
 
-
-def build_blended_splits(
-    prefixes: Sequence[str],
-    weights: Optional[Sequence[float]],
-    sizes: Sequence[Optional[int]],
-    split_matrix: Sequence,
-    build_splits: Callable[[int, Sequence[Optional[int]]], list],
-    cache_dir: Optional[str],
-    too_short: str,
-) -> tuple:
-    """(train, valid, test) BlendedDatasets over several prefixes (GPT and BERT alike).
-
-    `build_splits(k, part_sizes)` returns prefix k's three datasets (None where a split is off or empty).
-    With weights, each part builds ceil(ceil(n * w) * 1.005) samples of a split that needs n; without,
-    each part is one epoch and weighs its number of samples. `too_short` ends the error for a part with
-    no sample, e.g. "shorter than one sample of 1025 tokens".
-    """
-    if weights is not None:
-        weights = (np.array(weights, dtype=np.float64) / np.sum(weights)).tolist()
-        for size in sizes:
-            assert size is not None, "a weighted blend needs a sample count per split"
-        targets = [[math.ceil(size * w) for size in sizes] for w in weights]  # [prefix][split]
-        buffers = [[math.ceil(t * (1 + _BLEND_SURPLUS)) for t in row] for row in targets]
-        parts = [build_splits(k, b) for k, b in enumerate(buffers)]
-    else:
-        one_epoch = [None if size else 0 for size in sizes]
-        parts = [build_splits(k, one_epoch) for k in range(len(prefixes))]
-
-    out = []
-    for i, size in enumerate(sizes):
-        if split_matrix[i] is None or size == 0:
-            out.append(None)
-            continue
-        datasets = [part[i] for part in parts]
-        if any(d is None for d in datasets):
-            empty = prefixes[[d is None for d in datasets].index(True)]
-            raise UserError(
-                f"the {SPLIT_NAMES[i]} split of {empty} is empty; give it more data or set that "
-                "split's --split weight to 0"
-            )
-        if weights is not None:
-            w, n = weights, sum(row[i] for row in targets)
-        else:
-            w = [len(d) for d in datasets]
-            if 0 in w:
-                raise UserError(
-                    f"the {SPLIT_NAMES[i]} split of {prefixes[w.index(0)]} is {too_short}; give it more data "
-                    "or change --split"
-                )
-            n = None if size is None else min(size, sum(w))
-        out.append(BlendedDataset(datasets, w, n, cache_dir, SPLIT_NAMES[i]))
-    return tuple(out)

@@ -14,110 +14,40 @@ If E > 1 and the last epoch contributes fewer than 80% of an epoch's samples, th
 apart from the others (document and shuffle index), so a partial epoch does not favour some documents.
 
 The arrays are cached as `.npy` under `<cache>/{md5}-GPTDataset-{split}-*.npy` (md5 of a JSON
-description of everything they depend on), written atomically and memory-mapped on later runs.
+description of everything they depend on), written atomically and memory-mapped on later runs; with
+several ranks, rank 0 builds them and the others map its files (common.py, shared with BERT).
 
 Glossary: s = seq_length, E = epochs, n = sequences in the split, N = samples built.
 """
 
-import hashlib
-import json
-import math
-import os
-import re
-import uuid
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from megatron.core.datasets.indexed import IndexedDataset, check_token_ids
+from megatron.core.datasets.builder import build_splits
+from megatron.core.datasets.common import DatasetConfig, cached_arrays, describe
 from megatron.core.errors import UserError
 
-SPLIT_NAMES = ("train", "valid", "test")
 _SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 
 
 # ---------------------------------------------------------------------------------------------------
-# Config and the parsing of --split / --data-path
+# Config
 # ---------------------------------------------------------------------------------------------------
-def parse_split(split: str) -> List[float]:
-    """'949,50,1' -> [0.949, 0.05, 0.001]; missing trailing parts are 0."""
-    parts = [p for p in re.split(r"[,/]", split.strip()) if p.strip()]
-    try:
-        weights = [float(p) for p in parts]
-    except ValueError:
-        weights = []
-    if not 1 <= len(weights) <= 3 or any(w < 0 or math.isnan(w) for w in weights) or sum(weights) <= 0:
-        raise UserError(
-            f"--split {split!r} is not train,valid,test weights; use e.g. --split 949,50,1"
-        )
-    weights += [0.0] * (3 - len(weights))
-    return (np.array(weights, dtype=np.float64) / np.sum(weights)).tolist()
-
-
-def split_matrix(fractions: List[float]) -> List[Optional[Tuple[float, float]]]:
-    """Book-ends of each split, e.g. [0.9, 0.1, 0] -> [(0, 0.9), (0.9, 1.0), None]."""
-    ends = [0.0]
-    for f in fractions:
-        ends.append(ends[-1] + f)
-    return [(a, b) if b > a else None for a, b in zip(ends[:-1], ends[1:])]
-
-
-def split_range(bookends: Tuple[float, float], n: int) -> Tuple[int, int]:
-    """The contiguous, unshuffled ids [beg, end) of one split of n sequences."""
-    return int(round(bookends[0] * float(n))), int(round(bookends[1] * float(n)))
-
-
-def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
-    """--data-path in Megatron's forms: `p`, `w1 p1 w2 p2 ...`, or `p1 p2 ...` (weights from sizes)."""
-    items = [x.strip() for x in data_path if x.strip()]
-    if not items:
-        raise UserError("--data-path is empty; give a prefix written by tools/preprocess_data.py")
-
-    def number(x: str) -> Optional[float]:
-        try:
-            return float(x)
-        except ValueError:
-            return None
-
-    if len(items) % 2 == 0:
-        weights = [number(x) for x in items[0::2]]
-        if all(w is not None for w in weights):
-            if any(w <= 0 or math.isnan(w) for w in weights):
-                raise UserError(f"--data-path weights must be > 0, got {items[0::2]}")
-            return items[1::2], weights
-        if any(w is not None for w in weights):
-            raise UserError(
-                f"--data-path {' '.join(items)} mixes weights and prefixes; "
-                "use 'w1 prefix1 w2 prefix2 ...' or 'prefix1 prefix2 ...'"
-            )
-    if any(number(x) is not None for x in items):
-        raise UserError(
-            f"--data-path {' '.join(items)} has a number without its prefix; "
-            "use 'w1 prefix1 w2 prefix2 ...'"
-        )
-    return items, None
-
-
 @dataclass
-class GPTDatasetConfig:
-    """What the GPT datasets need from the command line."""
+class GPTDatasetConfig(DatasetConfig):
+    """What the GPT datasets need from the command line, beyond DatasetConfig's shared fields.
 
-    seq_length: int
-    """--seq-length: tokens per sample; each sample reads seq_length + 1 tokens (inputs and labels)."""
+    For GPT, seq_length counts a sample's inputs: each sample reads seq_length + 1 tokens (inputs and
+    labels). The seed seeds the document and sample shuffles (numpy RandomState). --split divides
+    sequences; mock data always splits its documents evenly ("1,1,1"), as Megatron does. The cache
+    defaults to `<dir of first prefix>/cache/GPTDataset_indices`; mock data is not cached.
+    """
 
-    seed: int = 1234
-    """--seed: seeds the document and sample shuffles (numpy RandomState)."""
-
-    data_path: Optional[List[str]] = None
-    """--data-path: `prefix`, `w1 p1 w2 p2 ...` or `p1 p2 ...`; prefixes name `.bin/.idx` pairs."""
-
-    split: str = "969,30,1"
-    """--split: train,valid,test weights; each split is a contiguous range of the sequences.
-    Mock data always splits its documents evenly ("1,1,1"), as Megatron does."""
-
-    data_cache_path: Optional[str] = None
-    """--data-cache-path: index cache folder; default `<dir of first prefix>/cache/GPTDataset_indices`."""
+    name = "GPT"
+    cache_folder = "GPTDataset_indices"
+    no_data_hint = "(or --mock-data)"
 
     mock: bool = False
     """--mock-data: synthetic documents instead of files (for tests and smoke runs)."""
@@ -134,19 +64,10 @@ class GPTDatasetConfig:
     eod_mask_loss: bool = False
     """--eod-mask-loss: no loss on EOD input tokens."""
 
-    tokenizer_description: str = ""
-    """Names the tokenizer (type and files) in the cache key, so another tokenizer never reuses an index."""
-
     mock_num_documents: int = 1000
     """Documents in the synthetic corpus when mock is set."""
 
-    blend: Tuple[List[str], Optional[List[float]]] = field(init=False, default=None)
-    """Parsed data_path: (prefixes, weights or None)."""
-
-    split_matrix: List[Optional[Tuple[float, float]]] = field(init=False, default=None)
-    """Parsed split: book-ends per split, None for an empty split."""
-
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if not isinstance(self.seq_length, int) or self.seq_length < 1:
             raise UserError(f"--seq-length must be a positive integer, got {self.seq_length}")
         if self.seed < 0:
@@ -162,69 +83,9 @@ class GPTDatasetConfig:
             if self.vocab_size is None:
                 raise UserError("mock data needs the tokenizer's vocab size")
             self.split = "1,1,1"
-        else:
-            if not self.data_path:
-                raise UserError("no training data: pass --data-path PREFIX (or --mock-data)")
-            self.blend = parse_blend(self.data_path)
-        self.split_matrix = split_matrix(parse_split(self.split))
 
-    @property
-    def cache_dir(self) -> Optional[str]:
-        """Where index arrays are cached; None for mock data (rebuilt in memory, it is cheap)."""
-        if self.mock:
-            return None
-        if self.data_cache_path:
-            return self.data_cache_path
-        return os.path.join(os.path.dirname(self.blend[0][0]), "cache", "GPTDataset_indices")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The on-disk index cache (shared with BlendedDataset)
-# ---------------------------------------------------------------------------------------------------
-def cached_arrays(
-    cache_dir: Optional[str],
-    base: str,
-    description: str,
-    names: Sequence[str],
-    build: Callable[[], Dict[str, np.ndarray]],
-) -> Dict[str, np.ndarray]:
-    """Load `names` from `<cache_dir>/<base>-<name>.npy` (memory-mapped), or build and save them.
-
-    Each file is written under a temporary name and renamed, the description last, so a crashed or
-    concurrent writer never leaves a file that a reader would take for complete. Ranks that build at
-    the same time write identical bytes; the last rename wins.
-    """
-    if cache_dir is None:
-        return build()
-    paths = {n: os.path.join(cache_dir, f"{base}-{n}.npy") for n in names}
-    desc_path = os.path.join(cache_dir, f"{base}-description.txt")
-    if os.path.isfile(desc_path) and all(os.path.isfile(p) for p in paths.values()):
-        return {n: np.load(p, mmap_mode="r", allow_pickle=False) for n, p in paths.items()}
-
-    arrays = build()
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        for n, p in paths.items():
-            tmp = f"{p}.{uuid.uuid4().hex[:12]}.tmp"  # unique per writer, even across hosts
-            with open(tmp, "wb") as f:
-                np.save(f, arrays[n], allow_pickle=False)
-            os.replace(tmp, p)
-        tmp = f"{desc_path}.{uuid.uuid4().hex[:12]}.tmp"
-        with open(tmp, "w") as f:
-            f.write(description)
-        os.replace(tmp, desc_path)
-    except OSError as e:
-        raise UserError(
-            f"cannot write the dataset index cache in {cache_dir} ({e.strerror}); "
-            "pass --data-cache-path with a writable folder"
-        )
-    return arrays
-
-
-def describe(fields: dict) -> Tuple[str, str]:
-    """(JSON description, its md5): the cache key."""
-    text = json.dumps(fields, indent=4)
-    return text, hashlib.md5(text.encode("utf-8")).hexdigest()
+    def reads_files(self) -> bool:
+        return not self.mock
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -483,28 +344,8 @@ class MockGPTDataset(GPTDataset):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Splits and blends
+# Splits and blends (builder.build_splits, as for BERT; --split divides sequences)
 # ---------------------------------------------------------------------------------------------------
-def _build_splits(config: GPTDatasetConfig, prefix: Optional[str], indexed, sizes: Sequence[Optional[int]]):
-    """One GPTDataset per split of one prefix (None where the split is off or needs no samples)."""
-    n = len(indexed)
-    out = []
-    for name, bookends, size in zip(SPLIT_NAMES, config.split_matrix, sizes):
-        if bookends is None or size == 0:
-            out.append(None)
-            continue
-        beg, end = split_range(bookends, n)
-        if beg == end and size is None:
-            out.append(None)
-            continue
-        ids = np.arange(beg, end, dtype=np.int32)
-        if prefix is None:
-            out.append(MockGPTDataset(config, size, name, ids, indexed))
-        else:
-            out.append(GPTDataset(indexed, prefix, ids, size, name, config))
-    return out
-
-
 def build_gpt_datasets(config: GPTDatasetConfig, num_samples: Sequence[Optional[int]]) -> tuple:
     """(train, valid, test) datasets with at least num_samples[i] samples each (None: one epoch).
 
@@ -512,20 +353,12 @@ def build_gpt_datasets(config: GPTDatasetConfig, num_samples: Sequence[Optional[
     split is a BlendedDataset over one GPTDataset per prefix, each built with ceil(ceil(n * w) * 1.005)
     samples; with unweighted prefixes the parts are one epoch each and weighted by their sizes.
     """
-    from megatron.core.datasets.blended import build_blended_splits  # blended.py imports this module
+    mock = MockIndexedDataset.for_config(config) if config.mock else None
+    make = _make_mock if config.mock else GPTDataset
+    return build_splits(config, num_samples, make, len, config.vocab_size,
+                        f"shorter than one sample of {config.seq_length + 1} tokens", in_memory=mock)
 
-    sizes = list(num_samples)
-    assert len(sizes) == 3, "num_samples is (train, valid, test)"
-    if config.mock:
-        return tuple(_build_splits(config, None, MockIndexedDataset.for_config(config), sizes))
-    prefixes, weights = config.blend
-    indexed = [IndexedDataset(p) for p in prefixes]  # a missing or broken file fails before any work
-    for x in indexed:  # ids beyond the vocabulary, found at start-up (one cached scan per file version)
-        check_token_ids(x, config.vocab_size, config.cache_dir)
-    if len(prefixes) == 1 and weights is None:
-        return tuple(_build_splits(config, prefixes[0], indexed[0], sizes))
-    return build_blended_splits(
-        prefixes, weights, sizes, config.split_matrix,
-        lambda k, part_sizes: _build_splits(config, prefixes[k], indexed[k], part_sizes),
-        config.cache_dir, f"shorter than one sample of {config.seq_length + 1} tokens",
-    )
+
+def _make_mock(indexed, prefix, ids, num_samples, split_name, config) -> MockGPTDataset:
+    """GPTDataset's constructor arguments, for MockGPTDataset (prefix is None)."""
+    return MockGPTDataset(config, num_samples, split_name, ids, indexed)

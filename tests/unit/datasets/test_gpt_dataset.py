@@ -14,10 +14,6 @@ from megatron.core.datasets.gpt_dataset import (
     build_indices,
     build_sample_index,
     masks_and_positions,
-    parse_blend,
-    parse_split,
-    split_matrix,
-    split_range,
 )
 from megatron.core.datasets.indexed import IndexedDataset, IndexedDatasetBuilder
 from megatron.core.errors import UserError
@@ -229,17 +225,6 @@ def test_data_cache_path_and_tokenizer_in_key(tmp_path):
 
 
 # -- splits --------------------------------------------------------------------------------------------
-def test_split_parsing_and_ranges():
-    m = split_matrix(parse_split("949,50,1"))
-    assert [split_range(b, 1000) for b in m] == [(0, 949), (949, 999), (999, 1000)]
-    m = split_matrix(parse_split("99,1,0"))
-    assert m[2] is None and split_range(m[1], 10) == (10, 10)
-    assert split_matrix(parse_split("1"))[1:] == [None, None]
-    for bad in ["", "a,b", "1,2,3,4", "-1,2", "0,0,0"]:
-        with pytest.raises(UserError, match="--split"):
-            parse_split(bad)
-
-
 def test_splits_are_contiguous_and_none_when_off_or_unneeded(tmp_path):
     """GPT splits count sequences (not documents): train = ids [0, round(0.8 n)), valid the rest."""
     prefix = write_corpus(tmp_path / "c", 100, seed=5)
@@ -251,15 +236,6 @@ def test_splits_are_contiguous_and_none_when_off_or_unneeded(tmp_path):
     _, valid, _ = build_gpt_datasets(config([prefix], split="80,20,0"), [30, 5, 0])
     assert set(np.unique(valid.document_index).tolist()) == set(range(cut, n))
     assert len(train) >= 30 and len(valid) >= 5
-
-
-def test_blend_forms():
-    assert parse_blend(["a"]) == (["a"], None)
-    assert parse_blend(["a", "b"]) == (["a", "b"], None)
-    assert parse_blend(["0.3", "a", "0.7", "b"]) == (["a", "b"], [0.3, 0.7])
-    for bad in (["0.3", "a", "b"], ["0", "a"], ["1", "a", "x", "b"], []):
-        with pytest.raises(UserError):
-            parse_blend(bad)
 
 
 # -- user errors ---------------------------------------------------------------------------------------
