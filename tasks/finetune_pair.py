@@ -31,13 +31,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from megatron.checkpoint.tokenizer import tokenizer_from_args  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.core.models.bert import BertModel  # noqa: E402
 from megatron.core.models.init import full_init  # noqa: E402
 from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig  # noqa: E402
 from megatron.core.transformer.config import TransformerConfig  # noqa: E402
-from megatron.evaluation.checkpoint_model import tokenizer_from_args  # noqa: E402
 from megatron.training.cli import ArgumentParser  # noqa: E402  (flag mistakes become one-line UserErrors)
 from megatron.training.cli import run_cli  # noqa: E402
 from megatron.training.lr_schedule import LRScheduleConfig, lr_at  # noqa: E402

@@ -14,7 +14,7 @@ optimizer and RNG states are dropped because they only make sense in the layout 
 resume with `--no-load-optim --no-load-rng` (or `--finetune`). Nothing is written unless the whole conversion
 succeeds: the files go through the trainer's crash-safe save protocol, the tracker file replaced last. A
 full disk or a permission error is one `error:` line (exit 2) like any bad input. Logic:
-megatron/training/checkpoint_layout.py.
+megatron/checkpoint/convert.py (whole checkpoints) and layout.py (each parameter's split, read off the model).
 """
 
 import os
@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from megatron.checkpoint.convert import RESUME_HINT, convert_checkpoint  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
-from megatron.training.checkpoint_layout import RESUME_HINT, convert_checkpoint  # noqa: E402
 from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 
 

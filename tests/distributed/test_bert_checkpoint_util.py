@@ -9,8 +9,8 @@ layer numbers, same shards.
 
 import torch
 
-from megatron.training import checkpoint_layout as cl
-from megatron.training.checkpointing import load_checkpoint
+from megatron.checkpoint import convert as cl
+from megatron.checkpoint.protocol import load_checkpoint
 from tests.distributed.launcher import GLOO, run_distributed
 from tests.functional import bert_cli
 from tests.scripts import load_script

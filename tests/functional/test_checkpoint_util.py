@@ -8,10 +8,12 @@ import sys
 import pytest
 import torch
 
-from megatron.training import checkpoint_layout as cl
+from megatron.checkpoint import convert as cl
+from megatron.checkpoint import protocol
+from megatron.checkpoint.layout import split_model
 from megatron.training.cli import run_cli
 from tests.scripts import REPO, load_script
-from tests.unit.training.test_checkpoint_layout import CONFIGS, make_args, make_model
+from tests.unit.checkpoint.test_layout import CONFIGS, make_args, make_model
 
 tool = load_script("tools/checkpoint_util.py")
 CONFIG = CONFIGS["swiglu-bias-layernorm-tied-default-ffn"]
@@ -31,7 +33,7 @@ def payload(model, tp=1, pp=1):
 
 def write_source(root, tp, pp, full):
     """A training-layout checkpoint written with explicit paths (not through the code under test's writer)."""
-    shards = cl.split_model(full, cl.ModelShape.from_args(make_args(CONFIG)), tp, pp)
+    shards = split_model(full, make_args(CONFIG), tp, pp)
     for (t, p), model in shards.items():
         rank = f"mp_rank_{t:02d}" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}"
         os.makedirs(root / f"iter_{ITER:07d}" / rank)
@@ -240,12 +242,10 @@ def test_resave_killed_midway_keeps_the_previous_checkpoint(tmp_path, capsys, mo
     """Re-converting into a folder that already holds the same iteration, killed at three moments: the
     previous checkpoint stays loadable (the old writer deleted `iter_X` before renaming the new one in),
     and the next conversion cleans up and succeeds."""
-    import megatron.training.checkpointing as ckpt_io
-
     full, src = bad_sources(tmp_path)
     out = tmp_path / "out"
     assert convert(capsys, "--load", src, "--save", out, "--merge")[0] == 0
-    previous = ckpt_io.load_checkpoint(str(out))["model"]
+    previous = protocol.load_checkpoint(str(out))["model"]
     real_save, real_replace, calls = torch.save, os.replace, []
 
     def killing_save(obj, f):
@@ -271,7 +271,7 @@ def test_resave_killed_midway_keeps_the_previous_checkpoint(tmp_path, capsys, mo
     # in, the previous one (one unsharded file, possibly still named iter_X.old), after it the new one
     assert (out / cl.TRACKER).read_text() == "100"
     if where != "tracker":
-        assert _same_model(ckpt_io.load_checkpoint(str(out))["model"], previous)
+        assert _same_model(protocol.load_checkpoint(str(out))["model"], previous)
     assert _same_model(cl.load_merged_checkpoint(str(out))["model"], full)
     code, text, _ = convert(capsys, "--load", src, "--save", out, "--target-tensor-parallel-size", 2,
                             "--target-pipeline-parallel-size", 2)

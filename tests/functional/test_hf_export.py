@@ -6,10 +6,10 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron.core.models.gpt import GPTModel
-from megatron.evaluation.checkpoint_model import config_from_args, load_gpt_checkpoint
+from megatron.checkpoint.model_args import build_model_from_args
+from megatron.checkpoint.protocol import save_checkpoint
+from megatron.evaluation.checkpoint_model import load_gpt_checkpoint
 from megatron.evaluation.lm_eval_adapter import MegatronGPTLM
-from megatron.training.checkpointing import save_checkpoint
 from megatron.training.cli import run_cli
 from tests.scripts import load_script
 from tests.unit.evaluation import fixtures
@@ -48,7 +48,7 @@ def test_export_matches_our_model_and_adapter(setup, tmp_path, capsys, arch):
 
 def test_architecture_without_equivalent_is_refused(setup, tmp_path, capsys):
     args = dict(load_gpt_checkpoint(setup["gpt2"]).args, position_embedding_type="rope")  # rope + LayerNorm
-    save_checkpoint(str(tmp_path / "ckpt"), 1, {"args": args, "model": GPTModel(config_from_args(args)).state_dict()})
+    save_checkpoint(str(tmp_path / "ckpt"), 1, {"args": args, "model": build_model_from_args(args).state_dict()})
     assert convert(["--load", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no Hugging Face architecture matches --position-embedding-type rope")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron.training import checkpointing as ck  # noqa: E402
+from megatron.checkpoint import protocol as ck  # noqa: E402
 
 N = 1 << 18  # floats per tensor: 1 MiB, so a save takes a few milliseconds
 QUIET = dict(report=lambda message: None)

@@ -1,7 +1,6 @@
 """Loading checkpoints that are damaged, half-written, malicious or of another model: one clear line, or
 with --load-fallback the newest loadable older iteration; a pickled payload never runs."""
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -10,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from megatron.checkpoint.model_args import check_model_flags
 from megatron.core.errors import UserError
 from megatron.evaluation.checkpoint_model import load_gpt_checkpoint
-from megatron.training.trainer import check_model_flags
 from tests.reliability.common import NO_EVAL, TINY, run_inprocess, train_records
 from tests.scripts import load_script
 
@@ -178,15 +177,14 @@ def test_position_and_bert_flags_are_compared_where_they_matter():
     --bert-no-binary-head is named as the user types it."""
     saved = dict(position_embedding_type="rope", rotary_base=10000, max_position_embeddings=32,
                  norm_epsilon=1e-5, bert_binary_head=True)
-    check_model_flags(saved, argparse.Namespace(**{**saved, "max_position_embeddings": 64}), "ck")
+    check_model_flags(saved, {**saved, "max_position_embeddings": 64}, "ck")
     with pytest.raises(UserError, match=r"^ck has another model: --bert-no-binary-head False in the checkpoint, "
                                         r"True here; --rotary-base 10000 in the checkpoint, 500000 here; "):
-        check_model_flags(saved, argparse.Namespace(**{**saved, "rotary_base": 500000, "bert_binary_head": False}),
-                          "ck")
+        check_model_flags(saved, {**saved, "rotary_base": 500000, "bert_binary_head": False}, "ck")
     learned = {**saved, "position_embedding_type": "learned_absolute"}
-    check_model_flags(learned, argparse.Namespace(**{**learned, "rotary_base": 500000}), "ck")
+    check_model_flags(learned, {**learned, "rotary_base": 500000}, "ck")
     with pytest.raises(UserError, match="--max-position-embeddings 32 in the checkpoint, 64 here"):
-        check_model_flags(learned, argparse.Namespace(**{**learned, "max_position_embeddings": 64}), "ck")
+        check_model_flags(learned, {**learned, "max_position_embeddings": 64}, "ck")
 
 
 def test_finetune_no_load_optim_no_load_rng(tmp_path, base):

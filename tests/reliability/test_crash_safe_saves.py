@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from megatron.training import checkpointing as ck
+from megatron.checkpoint import protocol as ck
 from tests.distributed.launcher import run_distributed
 from tests.functional.gpt_cli import REPO
 from tests.reliability.common import NO_EVAL, TINY, run_inprocess, tree
@@ -68,7 +68,7 @@ def test_full_disk_during_a_save(tmp_path, capsys, monkeypatch):
 
 def test_unusable_save_folder_is_refused_at_start_up(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    argv = TINY + NO_EVAL + ["--train-iters", "2", "--save", str(tmp_path / "file" / "ck"),
+    argv = TINY + NO_EVAL + ["--train-iters", "3", "--save", str(tmp_path / "file" / "ck"),
                              "--log-json", str(tmp_path / "m.jsonl")]
     assert run_inprocess(argv) == 2
     assert capsys.readouterr().err == f"error: --save {tmp_path}/file/ck: {tmp_path}/file is a file, not a folder\n"

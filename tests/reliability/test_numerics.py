@@ -118,7 +118,7 @@ def test_dynamic_loss_scale_follows_megatrons_hysteresis_rule():
     (["--loss-scale", "0"], "--loss-scale must be positive, got 0"),
 ], ids=["hysteresis", "window", "min-scale", "initial-below-min", "constant-scale"])
 def test_bad_loss_scale_flags_are_one_line(tmp_path, capsys, flags, needle):
-    argv = TINY + NO_EVAL + ["--fp16", "--train-iters", "2", "--log-json", str(tmp_path / "m.jsonl")] + flags
+    argv = TINY + NO_EVAL + ["--fp16", "--train-iters", "3", "--log-json", str(tmp_path / "m.jsonl")] + flags
     assert run_inprocess(argv) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from megatron.training import checkpointing
+from megatron.checkpoint import protocol
 from tests.distributed.launcher import GLOO, run_distributed
 from tests.functional.gpt_cli import REPO
 from tests.reliability.common import NO_EVAL, TINY, load_entry, read_json_lines, run_inprocess, train_records
@@ -42,7 +42,7 @@ def test_sigterm_mid_run_then_resume_matches_uninterrupted(tmp_path):
     stopped = train_records(split)[-1]["iteration"]
     assert 3 <= stopped < 12, stopped
     assert f"exiting at iteration {stopped}: received SIGTERM (--exit-signal-handler)" in out
-    assert checkpointing.read_tracker(str(tmp_path / "b")) == stopped
+    assert protocol.read_tracker(str(tmp_path / "b")) == stopped
     assert run_inprocess(RUN + ["--log-json", str(split), "--save", str(tmp_path / "b"),
                                 "--load", str(tmp_path / "b")]) == 0
     assert losses(split) == losses(straight)
@@ -54,12 +54,12 @@ def test_exit_duration_and_interval_save_and_exit(tmp_path, capsys):
     argv = TINY + ["--train-iters", "50", "--eval-interval", "100", "--eval-iters", "1"]
     assert run_inprocess(argv + ["--save", str(tmp_path / "d"), "--exit-duration-in-mins", "1e-5"]) == 0
     out = capsys.readouterr().out
-    stopped = checkpointing.read_tracker(str(tmp_path / "d"))
+    stopped = protocol.read_tracker(str(tmp_path / "d"))
     assert 1 <= stopped < 50 and f"exiting at iteration {stopped}: ran 1e-05 minutes" in out
     assert "test set" not in out and "validation set" not in out
     assert run_inprocess(argv + ["--save", str(tmp_path / "i"), "--exit-interval", "3"]) == 0
     assert "exiting at iteration 3: --exit-interval" in capsys.readouterr().out
-    assert checkpointing.complete_iterations(str(tmp_path / "i")) == [3]
+    assert protocol.complete_iterations(str(tmp_path / "i")) == [3]
 
 
 def _signal_one_rank(rank, world, argv):
@@ -98,8 +98,8 @@ def test_ranks_agree_on_stops_and_on_failed_saves(tmp_path):
                           "--save", str(tmp_path / "s"), "--log-json", str(tmp_path / "s.jsonl")]
     run_distributed(_signal_one_rank, world_size=2, args=(argv,), hang_after_s=300)
     assert [r["iteration"] for r in train_records(tmp_path / "s.jsonl")] == [1, 2, 3]
-    assert checkpointing.complete_iterations(str(tmp_path / "s")) == [3]
-    assert checkpointing.read_tracker(str(tmp_path / "s")) == 3
+    assert protocol.complete_iterations(str(tmp_path / "s")) == [3]
+    assert protocol.read_tracker(str(tmp_path / "s")) == 3
 
     tp2 = TINY + GLOO + ["--eval-iters", "0", "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "w"),
                          "--save-interval", "2", "--train-iters", "4"]
@@ -107,7 +107,7 @@ def test_ranks_agree_on_stops_and_on_failed_saves(tmp_path):
                     args=(tp2 + ["--exit-interval", "2"], False, tmp_path), hang_after_s=300)
     run_distributed(_train_failing_writes_on_rank_1, world_size=2,
                     args=(tp2 + ["--load", str(tmp_path / "w")], True, tmp_path), hang_after_s=300)
-    assert checkpointing.read_tracker(str(tmp_path / "w")) == 2
+    assert protocol.read_tracker(str(tmp_path / "w")) == 2
     assert sorted(os.listdir(tmp_path / "w")) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
     head = f"error: cannot write the checkpoint of iteration 4 to {tmp_path / 'w'}"
     kept = "the checkpoint of iteration 2 is intact"

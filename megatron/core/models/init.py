@@ -37,10 +37,13 @@ def full_init(name: str, shape, std: float, num_layers: int, seed: int) -> torch
 
 @torch.no_grad()
 def init_parameters(model: nn.Module, global_name, std: float, num_layers: int, seed: int) -> None:
-    """Initialize `model`'s local parameters; `global_name(local_name)` maps to the layout-free key."""
+    """Initialize `model`'s local parameters; `global_name(local_name)` maps to the layout-free key.
+    Parameters on the meta device (a model built for its shapes only) are left undrawn."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     for name, p in model.named_parameters():
+        if p.is_meta:
+            continue
         split = getattr(p, "tensor_model_parallel", False) and tp > 1
         shape = full_shape(p, tp) if split else tuple(p.shape)
         full = full_init(global_name(name), shape, std, num_layers, seed)

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
+from megatron.checkpoint.naming import checkpoint_file
 from megatron.core.errors import UserError
 from megatron.evaluation.checkpoint_model import load_gpt_checkpoint
-from megatron.training.checkpointing import checkpoint_file
 from tests.unit.evaluation import fixtures
 
 
@@ -31,7 +31,7 @@ def test_loads_model_tokenizer_and_config_from_args(setup):
 
 
 def test_pipeline_and_tensor_parallel_checkpoints_load_merged(setup, tmp_path):
-    from megatron.training.checkpoint_layout import convert_checkpoint
+    from megatron.checkpoint.convert import convert_checkpoint
 
     original = load_gpt_checkpoint(setup["llama"])
     convert_checkpoint(setup["llama"], str(tmp_path / "pp2"), 1, 2)  # same padded vocabulary at TP=1

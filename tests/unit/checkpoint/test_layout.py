@@ -1,10 +1,14 @@
-"""checkpoint_layout: shards match slicing written out here, merge(split(x)) == x bit for bit, bad layouts."""
+"""layout (and convert's vocabulary re-padding): shards match slicing written out here, merge(split(x)) == x
+bit for bit, each parameter's split read off the model, bad layouts."""
 
 import pytest
 import torch
 
+from megatron.checkpoint import convert
+from megatron.checkpoint import layout as cl
+from megatron.checkpoint.tokenizer import tokenizer_vocab_size
 from megatron.core.errors import UserError
-from megatron.training import checkpoint_layout as cl
+from megatron.core.tensor_parallel.sharding import merge_shards, shard_tensor
 
 L, H, NH, V, MAXPOS = 4, 64, 8, 128, 32
 LAYOUTS = [(2, 1), (1, 2), (2, 2), (4, 2)]
@@ -20,7 +24,8 @@ def make_args(c, vocab=V, layers=L):
     return {"num_layers": layers, "hidden_size": H, "num_attention_heads": NH, "ffn_hidden_size": c["ffn"],
             "swiglu": c["swiglu"], "untie_embeddings_and_output_weights": c["untie"], "padded_vocab_size": vocab,
             "max_position_embeddings": MAXPOS, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-            "normalization": "RMSNorm" if c["rms"] else "LayerNorm", "disable_bias_linear": not c["bias"]}
+            "normalization": "RMSNorm" if c["rms"] else "LayerNorm", "disable_bias_linear": not c["bias"],
+            "position_embedding_type": "learned_absolute" if c["pos"] else "rope"}
 
 
 def ffn_size(c):
@@ -119,7 +124,7 @@ def test_split_matches_slicing_and_merge_is_exact(name, layout):
     c, (tp, pp) = CONFIGS[name], layout
     args = make_args(c)
     full = make_model(c)
-    shards = cl.split_model(full, cl.ModelShape.from_args(args), tp, pp)
+    shards = cl.split_model(full, args, tp, pp)
     assert set(shards) == {(t, p) for t in range(tp) for p in range(pp)}
     for (t, p), sd in shards.items():
         want_keys = expected_stage_keys(full, c, p, pp)
@@ -128,7 +133,7 @@ def test_split_matches_slicing_and_merge_is_exact(name, layout):
             want = expected_shard(full, c, key, t, tp)
             assert sd[local].shape == want.shape and torch.equal(sd[local], want), (t, p, local)
             assert sd[local].is_contiguous() and sd[local].untyped_storage().nbytes() == want.numel() * 4, local
-    merged = cl.merge_model(shards, cl.ModelShape.from_args(args), tp, pp)
+    merged = cl.merge_model(shards, args, tp, pp)
     assert list(merged) == list(full)  # canonical order, no tied copy
     for key in full:
         assert torch.equal(merged[key], full[key]), key
@@ -136,45 +141,53 @@ def test_split_matches_slicing_and_merge_is_exact(name, layout):
 
 def test_pp1_tied_has_no_output_layer_and_untied_keeps_it():
     for name, c in CONFIGS.items():
-        shards = cl.split_model(make_model(c), cl.ModelShape.from_args(make_args(c)), 2, 1)
+        shards = cl.split_model(make_model(c), make_args(c), 2, 1)
         assert ("output_layer.weight" in shards[(1, 0)]) == c["untie"], name
 
 
 def test_relayout_through_merge_equals_direct_split():
     c = CONFIGS["swiglu-bias-layernorm-tied-default-ffn"]
-    full, shape = make_model(c), cl.ModelShape.from_args(make_args(c))
-    via = cl.split_model(cl.merge_model(cl.split_model(full, shape, 2, 2), shape, 2, 2), shape, 4, 1)
-    direct = cl.split_model(full, shape, 4, 1)
+    full, args = make_model(c), make_args(c)
+    via = cl.split_model(cl.merge_model(cl.split_model(full, args, 2, 2), args, 2, 2), args, 4, 1)
+    direct = cl.split_model(full, args, 4, 1)
     for rank in direct:
         assert all(torch.equal(via[rank][k], direct[rank][k]) for k in direct[rank])
 
 
 def test_stride_two_helpers_by_hand():
     full = torch.arange(8)  # [gate 0..3; up 4..7]
-    assert cl.shard_tensor(full, 0, 2, 0, 2).tolist() == [0, 1, 4, 5]
-    assert cl.shard_tensor(full, 0, 2, 1, 2).tolist() == [2, 3, 6, 7]
-    assert cl.merge_shards([torch.tensor([0, 1, 4, 5]), torch.tensor([2, 3, 6, 7])], 0, 2).tolist() == list(range(8))
+    assert shard_tensor(full, 0, 2, 0, 2).tolist() == [0, 1, 4, 5]
+    assert shard_tensor(full, 0, 2, 1, 2).tolist() == [2, 3, 6, 7]
+    assert merge_shards([torch.tensor([0, 1, 4, 5]), torch.tensor([2, 3, 6, 7])], 0, 2).tolist() == list(range(8))
     m = torch.arange(12).view(2, 6)
-    assert cl.shard_tensor(m, 1, 1, 2, 3).tolist() == [[4, 5], [10, 11]]
+    assert shard_tensor(m, 1, 1, 2, 3).tolist() == [[4, 5], [10, 11]]
 
 
-def test_partition_spec_by_suffix():
-    assert cl.partition_spec("decoder.layers.17.mlp.linear_fc1.weight", swiglu=True) == (0, 2)
-    assert cl.partition_spec("decoder.layers.0.mlp.linear_fc1.bias", swiglu=False) == (0, 1)
-    assert cl.partition_spec("decoder.layers.3.self_attention.linear_proj.weight", False) == (1, 1)
-    assert cl.partition_spec("decoder.layers.3.self_attention.linear_proj.bias", False) is None
-    assert cl.partition_spec("embedding.position_embeddings.weight", False) is None
+def test_partition_spec_read_off_the_model():
+    """No table: the split of every parameter is the tag its layer puts on it."""
+    swiglu = cl.ModelLayout(make_args(CONFIGS["swiglu-bias-layernorm-tied-default-ffn"], layers=18))
+    gelu = cl.ModelLayout(make_args(CONFIGS["gelu-bias-layernorm-tied"]))
+    assert swiglu.spec("decoder.layers.17.mlp.linear_fc1.weight") == (0, 2)
+    assert gelu.spec("decoder.layers.0.mlp.linear_fc1.bias") == (0, 1)
+    assert gelu.spec("decoder.layers.3.self_attention.linear_proj.weight") == (1, 1)
+    assert gelu.spec("decoder.layers.3.self_attention.linear_proj.bias") is None
+    assert gelu.spec("embedding.position_embeddings.weight") is None
     with pytest.raises(UserError, match="unknown parameter"):
-        cl.partition_spec("decoder.layers.0.mlp.router.weight", False)
+        gelu.spec("decoder.layers.0.mlp.router.weight")
+    rope = cl.ModelLayout(make_args(CONFIGS["swiglu-nobias-rmsnorm-untied"]))  # rope, no biases, RMSNorm
+    assert "embedding.position_embeddings.weight" not in rope.specs and rope.spec("output_layer.weight") == (0, 1)
+    assert not any(k.endswith(".bias") for k in rope.specs)
 
 
 def test_model_shape_default_ffn():
+    """The FFN size the args leave out is the model's own default (TransformerConfig), not a copy of it."""
     gelu = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
-    assert cl.ModelShape.from_args(gelu).ffn_hidden_size == 256
+    assert cl.ModelLayout(gelu, vocab_rows=V).config.ffn_hidden_size == 256
     swiglu = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": None, "swiglu": True}
-    assert cl.ModelShape.from_args(swiglu).ffn_hidden_size == 128  # int(4*64*2/3/64)*64
+    assert cl.ModelLayout(swiglu, vocab_rows=V).config.ffn_hidden_size == 128  # int(4*64*2/3/64)*64
+    assert cl.ModelLayout(swiglu, vocab_rows=V).shapes["decoder.layers.1.mlp.linear_fc1.weight"] == (256, 64)
     with pytest.raises(UserError, match="hidden_size"):
-        cl.ModelShape.from_args({"num_layers": 2, "num_attention_heads": 4})
+        cl.ModelLayout({"num_layers": 2, "num_attention_heads": 4}, vocab_rows=V)
 
 
 @pytest.mark.parametrize("tp, pp, vocab, needle", [
@@ -186,19 +199,19 @@ def test_model_shape_default_ffn():
 def test_target_sizes_that_do_not_divide(tp, pp, vocab, needle):
     c = CONFIGS["gelu-bias-layernorm-tied"]
     with pytest.raises(UserError, match=needle):
-        cl.split_model(make_model(c, vocab=vocab), cl.ModelShape.from_args(make_args(c, vocab=vocab)), tp, pp)
+        cl.split_model(make_model(c, vocab=vocab), make_args(c, vocab=vocab), tp, pp)
 
 
 def test_ffn_not_divisible():
     c = dict(CONFIGS["swiglu-nobias-rmsnorm-untied"], ffn=100)  # 8 heads split 8 ways, 100 units do not
     with pytest.raises(UserError, match="100 FFN units"):
-        cl.split_model(make_model(c), cl.ModelShape.from_args(make_args(c)), 8, 1)
+        cl.split_model(make_model(c), make_args(c), 8, 1)
 
 
 def test_merge_rejects_bad_shards():
     c = CONFIGS["gelu-bias-layernorm-tied"]
-    shape = cl.ModelShape.from_args(make_args(c))
-    good = cl.split_model(make_model(c), shape, 2, 2)
+    args = make_args(c)
+    good = cl.split_model(make_model(c), args, 2, 2)
 
     def broken(edit):
         shards = {r: dict(sd) for r, sd in good.items()}
@@ -207,38 +220,38 @@ def test_merge_rejects_bad_shards():
 
     key = "decoder.layers.0.mlp.linear_fc2.weight"
     with pytest.raises(UserError, match="mismatched shapes"):
-        cl.merge_model(broken(lambda s: s[(1, 0)].__setitem__(key, torch.zeros(H, 7))), shape, 2, 2)
+        cl.merge_model(broken(lambda s: s[(1, 0)].__setitem__(key, torch.zeros(H, 7))), args, 2, 2)
     with pytest.raises(UserError, match="different parameters"):
-        cl.merge_model(broken(lambda s: s[(1, 1)].pop(key)), shape, 2, 2)
+        cl.merge_model(broken(lambda s: s[(1, 1)].pop(key)), args, 2, 2)
     with pytest.raises(UserError, match="unknown parameter"):
         cl.merge_model(broken(lambda s: [sd.__setitem__("decoder.layers.0.extra.weight", torch.zeros(1))
-                                         for r, sd in s.items() if r[1] == 0]), shape, 2, 2)
+                                         for r, sd in s.items() if r[1] == 0]), args, 2, 2)
     with pytest.raises(UserError, match="has 2 layers"):
         cl.merge_model(broken(lambda s: [sd.__setitem__("decoder.layers.2.mlp.linear_fc2.bias", torch.zeros(H))
-                                         for r, sd in s.items() if r[1] == 1]), shape, 2, 2)
+                                         for r, sd in s.items() if r[1] == 1]), args, 2, 2)
     with pytest.raises(UserError, match=r"missing \['decoder.layers.1.self_attention.linear_qkv.bias'\]"):
         cl.merge_model(broken(lambda s: [sd.pop("decoder.layers.1.self_attention.linear_qkv.bias")
-                                         for r, sd in s.items() if r[1] == 0]), shape, 2, 2)
+                                         for r, sd in s.items() if r[1] == 0]), args, 2, 2)
     with pytest.raises(UserError, match=r"shape \[128, 64\], but the args ask for \[256, 64\]"):
-        cl.merge_model(good, cl.ModelShape.from_args(make_args(c, vocab=256)), 2, 2)
+        cl.merge_model(good, make_args(c, vocab=256), 2, 2)
 
 
 def test_repad_vocab_trims_or_zero_extends_padding_rows_only():
     c = CONFIGS["gelu-nobias-rmsnorm-untied"]
     ckpt = {"args": make_args(c), "model": make_model(c)}
-    grown = cl.repad_vocab(ckpt, 256, true_vocab=98)
+    grown = convert.repad_vocab(ckpt, 256, true_vocab=98)
     assert grown["args"]["padded_vocab_size"] == 256 and ckpt["args"]["padded_vocab_size"] == V
-    for key in cl.VOCAB_KEYS:
+    for key in convert.VOCAB_KEYS:
         assert torch.equal(grown["model"][key][:V], ckpt["model"][key])
         assert not grown["model"][key][V:].any()
-    shrunk = cl.repad_vocab(grown, 128, true_vocab=98)
+    shrunk = convert.repad_vocab(grown, 128, true_vocab=98)
     assert all(torch.equal(shrunk["model"][k], ckpt["model"][k]) for k in ckpt["model"])
     with pytest.raises(UserError, match="the tokenizer has 300 ids"):
-        cl.repad_vocab(ckpt, 384, true_vocab=300)
+        convert.repad_vocab(ckpt, 384, true_vocab=300)
 
 
 def test_tokenizer_vocab_size_from_saved_flags():
-    assert cl.tokenizer_vocab_size({"tokenizer_type": "NullTokenizer", "vocab_size": 97}) == 98  # + EOD
-    assert cl.tokenizer_vocab_size({}) is None
+    assert tokenizer_vocab_size({"tokenizer_type": "NullTokenizer", "vocab_size": 97}) == 98  # + EOD
+    assert tokenizer_vocab_size({}) is None
     missing = {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": "/nope/vocab.json", "merge_file": "/nope/m.txt"}
-    assert cl.tokenizer_vocab_size(missing) is None
+    assert tokenizer_vocab_size(missing) is None

@@ -1,0 +1,20 @@
+"""Checkpoints: Megatron's legacy `torch` layout, written crash-safely, read in any TP x PP layout.
+
+    <save>/latest_checkpointed_iteration.txt                "100"
+    <save>/iter_0000100/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+        {"args": {Megatron flags}, "config": {the resolved RunConfig, as plain dicts}, "iteration",
+         "checkpoint_version": 3.0, "model": {state dict}, "optimizer", "rng_state", "opt_param_scheduler",
+         "train_state", "consumed_*", "random_ltd"}
+
+    naming.py      folder and file names: built and parsed only here
+    protocol.py    save (tmp folder, fsync, rename, tracker last) and load (weights_only) one rank's file
+    rng.py         the RNG states a checkpoint carries (python, numpy, torch, cuda, TP tracker)
+    model_args.py  saved args <-> TransformerConfig, the model they build, do two models' flags agree
+    layout.py      an unsharded state dict <-> TP x PP shards, each parameter's split read off the model
+    convert.py     whole checkpoints on disk to another layout (tools/checkpoint_util.py), vocab re-padding
+    reader.py      `--load` -> the unsharded model and args, any layout (evaluation, export, fine-tuning)
+    tokenizer.py   the training tokenizer from the saved flags
+    training.py    what a training run saves and how it resumes (the trainer's side)
+
+Nothing here imports megatron.training or megatron.evaluation; megatron.core does not import this.
+"""

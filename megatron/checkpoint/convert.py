@@ -1,0 +1,196 @@
+"""Re-lay out a whole checkpoint on disk for other tensor (TP) and pipeline (PP) parallel sizes.
+
+    <load>/iter_0000100/mp_rank_00_000/model_optim_rng.pt   TP=2 PP=2, as training wrote it
+                        mp_rank_01_000/ mp_rank_00_001/ mp_rank_01_001/
+      -- read_checkpoint -> merge_checkpoint -> (repad_vocab) -> split_checkpoint -> write_checkpoint -->
+    <save>/iter_0000100/mp_rank_00/ ... mp_rank_03/           TP=4 PP=1
+
+Training writes one file per (TP rank, PP stage); evaluation and export want one unsharded state dict,
+and a resumed run may use another TP/PP. Every layout goes through the same unsharded form (layout.py
+merges and splits the model, reading each parameter's split off the model the saved args build), so
+any layout converts to any other. The files are written with the trainer's crash-safe protocol.
+
+The padded vocabulary depends on TP (a multiple of `--make-vocab-size-divisible-by` x TP), so a run at
+the target TP expects another number of embedding rows than the source holds. When the tokenizer's size
+is known (`--true-vocab-size`, or the tokenizer rebuilt from the saved flags) the rows are trimmed or
+zero-extended to what that run computes; rows below the tokenizer's size are never touched.
+
+Optimizer and RNG states are dropped: both are per rank (the optimizer's moments are keyed by the rank's
+local parameters, the RNG streams by its position in the grid) and have no counterpart in another
+layout. Resume a converted checkpoint with `--no-load-optim --no-load-rng`, or use `--finetune`.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from megatron.checkpoint.layout import Rank, merge_model, split_model
+from megatron.checkpoint.naming import TRACKER, checkpoint_dir, parallel_sizes, parse_rank_dir, rank_file_relpath
+from megatron.checkpoint.protocol import committed_dir, read_tracker, torch_load, write_checkpoint_files
+from megatron.checkpoint.tokenizer import tokenizer_vocab_size
+from megatron.core.errors import UserError
+from megatron.core.tokenizer import vocab_size_with_padding
+
+# Top-level keys of a checkpoint that survive conversion; everything else (optimizer, rng_state) is
+# layout-specific and dropped.
+KEPT_KEYS = ("args", "iteration", "checkpoint_version", "model", "train_state", "consumed_train_samples",
+             "consumed_valid_samples", "opt_param_scheduler", "random_ltd")
+# args that must agree between the rank files of one checkpoint
+SHAPE_ARGS = ("model_type", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "swiglu",
+              "untie_embeddings_and_output_weights", "padded_vocab_size", "tensor_model_parallel_size",
+              "pipeline_model_parallel_size", "bert_binary_head")
+RESUME_HINT = "continue training from it with --no-load-optim --no-load-rng, or --finetune"
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")  # [V, h]
+VOCAB_BIASES = ("output_layer.bias",)  # [V], BERT's MLM logits
+
+
+@dataclass
+class ShardedCheckpoint:
+    root: str
+    iteration: int
+    tp: int
+    pp: int
+    files: Dict[Rank, dict]  # the loaded model_optim_rng.pt of every rank
+
+
+def _rank_relpath(tp_rank: int, stage: int, pp: int) -> str:
+    """PP == 1: mp_rank_{tp:02d}; PP > 1: mp_rank_{tp:02d}_{pp:03d} (Megatron's naming)."""
+    return rank_file_relpath(tp_rank, stage if pp > 1 else None)
+
+
+def _load(path: str) -> dict:
+    """mmap when the file allows it (the optimizer states we drop are never read into memory); a pickled
+    payload or a damaged file is a one-line UserError (protocol.torch_load)."""
+    try:
+        return torch_load(path, mmap=True)
+    except UserError:
+        return torch_load(path)  # a file in torch's old non-zip format cannot be mapped
+
+
+def read_checkpoint(root: str, iteration: Optional[int] = None) -> ShardedCheckpoint:
+    """Load every rank's file of the latest (or given) iteration; the layout comes from the saved args,
+    or from the rank folders when the args do not say."""
+    if iteration is None:
+        iteration = read_tracker(root)
+        if iteration is None:
+            raise UserError(f"no checkpoint in {root}: {TRACKER} is missing (pass --iteration N)")
+    folder = committed_dir(root, iteration)  # iter_X, or iter_X.old if a save stopped between its renames
+    if not os.path.isdir(folder):
+        raise UserError(f"checkpoint folder {checkpoint_dir(root, iteration)} is missing")
+    names = sorted(os.listdir(folder))
+    sizes = parallel_sizes(names)
+    if sizes is None:
+        raise UserError(f"{folder} holds no mp_rank_* folders")
+    tp, pp = sizes
+    first = os.path.join(folder, _rank_relpath(0, 0, pp))
+    if not os.path.isfile(first):
+        raise UserError(f"checkpoint file {first} is missing; the checkpoint at {root} is incomplete")
+    files = {(0, 0): _load(first)}
+    args = files[(0, 0)].get("args") or {}
+    tp = int(args.get("tensor_model_parallel_size") or tp)
+    pp = int(args.get("pipeline_model_parallel_size") or pp)
+    found = {(t, p or 0) for t, p in filter(None, map(parse_rank_dir, names))}
+    extra = sorted(r for r in found if r[0] >= tp or r[1] >= pp)
+    if extra:
+        raise UserError(f"{folder} holds rank folders {extra[:3]} beyond its args' layout TP={tp} PP={pp}")
+    for p in range(pp):
+        for t in range(tp):
+            path = os.path.join(folder, _rank_relpath(t, p, pp))
+            if not os.path.isfile(path):
+                raise UserError(f"checkpoint file {path} is missing (TP rank {t}, stage {p} of TP={tp} PP={pp})")
+            if (t, p) not in files:
+                files[(t, p)] = _load(path)
+    for rank, ckpt in files.items():
+        path = os.path.join(folder, _rank_relpath(*rank, pp))
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise UserError(f"{path} holds no model state dict")
+        theirs = ckpt.get("args") or {}
+        differ = [k for k in SHAPE_ARGS if theirs.get(k) != args.get(k)]
+        if differ:
+            raise UserError(f"{path} disagrees with rank (0, 0) on {differ[0]}: {theirs.get(differ[0])!r} vs "
+                            f"{args.get(differ[0])!r}; the rank files come from different runs")
+    return ShardedCheckpoint(root, iteration, tp, pp, files)
+
+
+def _with_layout(args: dict, tp: int, pp: int) -> dict:
+    return {**args, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+
+
+def merge_checkpoint(sharded: ShardedCheckpoint) -> dict:
+    """The unsharded checkpoint (TP=1 PP=1): merged model, args, iteration and counters."""
+    head = sharded.files[(0, 0)]
+    args = head.get("args") or {}
+    model = merge_model({r: f["model"] for r, f in sharded.files.items()}, args, sharded.tp, sharded.pp)
+    out = {k: head[k] for k in KEPT_KEYS if k in head}
+    out.update(args=_with_layout(args, 1, 1), model=model)
+    out.setdefault("iteration", sharded.iteration)
+    return out
+
+
+def load_merged_checkpoint(root: str, iteration: Optional[int] = None) -> dict:
+    """Any training layout as one unsharded checkpoint dict (see `merge_checkpoint`); `model` loads into
+    a TP=1 PP=1 GPTModel (BertModel for a BERT checkpoint)."""
+    return merge_checkpoint(read_checkpoint(root, iteration))
+
+
+def split_checkpoint(ckpt: dict, tp: int, pp: int) -> Dict[Rank, dict]:
+    """An unsharded checkpoint dict -> one file's contents per (TP rank, stage) of the target layout."""
+    models = split_model(ckpt["model"], ckpt.get("args") or {}, tp, pp)
+    base = {k: ckpt[k] for k in KEPT_KEYS if k in ckpt and k != "model"}
+    base["args"] = _with_layout(ckpt.get("args") or {}, tp, pp)
+    return {rank: {**base, "model": model} for rank, model in models.items()}
+
+
+def write_checkpoint(root: str, iteration: int, files: Dict[Rank, dict], pp: int, report=print) -> None:
+    """Write every rank's file with the trainer's crash-safe protocol (`protocol.write_checkpoint_files`:
+    `iter_X.tmp/`, fsynced `.part` files, an existing `iter_X` kept as `.old` until the tracker, written
+    last, names the new one). A failure or a crash at any point leaves the previous checkpoint loadable."""
+    by_path = {_rank_relpath(t, p, pp): payload for (t, p), payload in sorted(files.items())}
+    write_checkpoint_files(root, iteration, by_path, report)
+
+
+# ---- vocabulary padding --------------------------------------------------------------------------------
+def repad_vocab(ckpt: dict, padded: int, true_vocab: int) -> dict:
+    """An unsharded checkpoint with `padded` vocabulary rows: padding rows (>= `true_vocab`) are dropped or
+    added as zeros; the tokenizer's rows are kept bit for bit."""
+    model = dict(ckpt["model"])
+    for key in VOCAB_KEYS + VOCAB_BIASES:
+        if key in model:
+            rows = model[key]
+            if true_vocab > rows.shape[0]:
+                raise UserError(f"the tokenizer has {true_vocab} ids but {key} only {rows.shape[0]} rows; "
+                                "check --true-vocab-size")
+            if padded <= rows.shape[0]:
+                model[key] = rows[:padded].clone()
+            else:
+                model[key] = torch.cat([rows, rows.new_zeros(padded - rows.shape[0], *rows.shape[1:])])
+    return {**ckpt, "model": model, "args": {**(ckpt.get("args") or {}), "padded_vocab_size": padded}}
+
+
+def convert_checkpoint(load: str, save: str, tp: int, pp: int, iteration: Optional[int] = None,
+                       true_vocab_size: Optional[int] = None) -> dict:
+    """Read any layout from `load`, write TP=`tp` PP=`pp` to `save`; return a summary dict.
+
+    The padded vocabulary becomes what a TP=`tp` run of the same flags computes when the tokenizer's
+    size is known (`true_vocab_size`, else the tokenizer from the saved flags); otherwise it is kept."""
+    if os.path.realpath(load) == os.path.realpath(save):
+        raise UserError("--save must differ from --load: converting in place would replace the source")
+    if true_vocab_size is not None and true_vocab_size < 1:
+        raise UserError(f"--true-vocab-size must be >= 1, got {true_vocab_size}")
+    sharded = read_checkpoint(load, iteration)
+    merged = merge_checkpoint(sharded)
+    old_vocab = merged["model"]["embedding.word_embeddings.weight"].shape[0]
+    true_vocab = true_vocab_size or tokenizer_vocab_size(merged["args"])
+    if true_vocab is not None:
+        divisible_by = int(merged["args"].get("make_vocab_size_divisible_by") or 128)
+        merged = repad_vocab(merged, vocab_size_with_padding(true_vocab, divisible_by, tp), true_vocab)
+    files = split_checkpoint(merged, tp, pp)  # validates the target sizes before anything is written
+    os.makedirs(save, exist_ok=True)
+    write_checkpoint(save, sharded.iteration, files, pp)
+    dropped = sorted(set(sharded.files[(0, 0)]) - set(KEPT_KEYS))
+    return {"iteration": sharded.iteration, "source": (sharded.tp, sharded.pp), "target": (tp, pp),
+            "parameters": sum(v.numel() for v in merged["model"].values()), "files": len(files),
+            "dropped": dropped, "vocab": (old_vocab, merged["model"]["embedding.word_embeddings.weight"].shape[0]),
+            "true_vocab": true_vocab}

@@ -1,0 +1,113 @@
+"""What a training run saves and resumes from, in Megatron's legacy `torch` layout (protocol.py writes it).
+
+One file per (tensor, pipeline) rank, written by data-parallel rank 0 of each, holding Megatron's keys so
+its tools read ours:
+
+    args                    the run's flags with Megatron's names (a plain dict, derived values filled in)
+    config                  the resolved RunConfig, section by section, as plain dicts
+    model                   this rank's state dict (stage-local layer numbers, TP shards)
+    optimizer               this rank's optimizer state (Adam moments, loss scaler)
+    opt_param_scheduler     LR schedule lengths and progress (successful steps only, as Megatron counts)
+    rng_state               python, numpy, torch, cuda and the tensor-parallel tracker's streams
+    train_state             iteration and counters (state.py); consumed_*_samples also at the top level
+    random_ltd              consumed_layer_tokens and `current_value`: r_t, under DeepSpeed's key
+    iteration, checkpoint_version
+
+Resume checks what makes a checkpoint unusable before touching the model: another TP x PP layout
+(convert it with tools/checkpoint_util.py) or other model flags (model_args.check_model_flags), then
+loads strictly. `--finetune` takes the weights only.
+"""
+
+import time
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from megatron.checkpoint import protocol
+from megatron.checkpoint.model_args import check_model_flags, describe_state_dict_mismatch
+from megatron.checkpoint.rng import get_rng_state_with_tracker, set_rng_state_with_tracker
+from megatron.core import parallel_state as ps
+from megatron.core.errors import UserError
+
+Report = Callable[[str], None]
+
+
+def training_state(args: Mapping, config: dict, model: torch.nn.Module, optimizer, scheduler: dict,
+                   train_state: dict, kept_length: int) -> dict:
+    """This rank's checkpoint contents (see the module docstring); `kept_length` is r of the last iteration."""
+    return {
+        "args": dict(args),
+        "config": config,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "opt_param_scheduler": scheduler,
+        "rng_state": get_rng_state_with_tracker(),
+        "train_state": train_state,
+        "consumed_train_samples": train_state["consumed_train_samples"],
+        "consumed_valid_samples": train_state["consumed_valid_samples"],
+        "random_ltd": {"consumed_layer_tokens": train_state["consumed_layer_tokens"], "current_value": kept_length},
+    }
+
+
+def _rank_file():
+    """(tp rank, pp rank or None): Megatron names the rank folder without the stage when PP = 1."""
+    pp = ps.get_pipeline_model_parallel_world_size()
+    return ps.get_tensor_model_parallel_rank(), (ps.get_pipeline_model_parallel_rank() if pp > 1 else None)
+
+
+def save(root: str, iteration: int, state: dict, writer: bool, report: Report) -> None:
+    """Every rank calls it; `writer` ranks (DP rank 0 of each model-parallel rank) write their file."""
+    t0 = time.perf_counter()
+    report(f"saving checkpoint at iteration {iteration:7d} to {root} in torch format")
+    protocol.save_checkpoint(root, iteration, state, *_rank_file(), writer=writer, report=report)
+    report(f"  successfully saved checkpoint at iteration {iteration:7d} to {root} "
+           f"[ t {time.perf_counter() - t0:.2f}s ]")
+
+
+def _check_layout(root: str, iteration: int) -> None:
+    saved = protocol.saved_layout(root, iteration)
+    here = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    if saved is not None and saved != here:
+        raise UserError(f"checkpoint iteration {iteration} in {root} was saved with tensor x pipeline "
+                        f"parallel {saved[0]} x {saved[1]}, this run uses {here[0]} x {here[1]}; convert it "
+                        "with tools/checkpoint_util.py or launch the same layout")
+
+
+def load(root: str, args: Mapping, model: torch.nn.Module, optimizer, *, fallback: bool, finetune: bool,
+         load_optim: bool, load_rng: bool, report: Report) -> Optional[dict]:
+    """Load this rank's file of the checkpoint to resume from into `model` (and, unless `finetune`, the
+    optimizer and RNG states); returns the checkpoint dict, or None when `root` holds none.
+
+    `args` are this run's (Megatron names), compared with the checkpoint's model flags."""
+    for name in protocol.incomplete_saves(root):
+        report(f"WARNING: ignoring {root}/{name}: a save that was interrupted (never loaded; the next save into "
+               "this folder removes it)")
+    chosen = protocol.select_checkpoint(root, *_rank_file(), fallback, before_load=lambda it: _check_layout(root, it),
+                                        report=report)
+    if chosen is None:
+        report(f"WARNING: no checkpoint found at {root}; training from scratch")
+        return None
+    iteration, ckpt = chosen
+    where = f"checkpoint iteration {iteration} in {root}"
+    check_model_flags(ckpt.get("args") or {}, args, where)
+    if not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{where} holds no model state dict")
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:  # flags the checkpoint does not record (older checkpoints), or a foreign one
+        detail = describe_state_dict_mismatch(model.state_dict(), ckpt["model"])
+        raise UserError(f"{where} does not fit this model: {detail or ' '.join(str(e).split())[:300]}") from None
+    if finetune:
+        report(f" loaded weights from {root} at iteration {iteration} (finetune: iteration, optimizer and "
+               "counters reset)")
+        return ckpt
+    if load_optim:
+        if "optimizer" not in ckpt:
+            raise UserError(f"checkpoint in {root} has no optimizer state (a converted checkpoint?); "
+                            "add --no-load-optim --no-load-rng, or --finetune")
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if load_rng:
+        if "rng_state" not in ckpt:
+            raise UserError(f"checkpoint in {root} has no RNG state; add --no-load-rng")
+        set_rng_state_with_tracker(ckpt["rng_state"])
+    return ckpt
