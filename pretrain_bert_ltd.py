@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from megatron.core.datasets.bert_dataset import BertDatasetConfig, build_bert_datasets
 from megatron.core.models.bert import BertModel, BertOutput
-from megatron.core.tokenizer import build_tokenizer, tokenizer_config_from_args, vocab_size_with_padding
-from megatron.training.bert_arguments import parse_bert_args
+from megatron.core.tokenizer import build_tokenizer, tokenizer_config_from_args
+from megatron.training.bert_arguments import BertConfig, bert_config, parse_bert_args
 from megatron.training.cli import run_cli
-from megatron.training.model_config import transformer_config
-from megatron.training.trainer import pretrain
+from megatron.training.config import RunConfig, resolve_config
+from megatron.training.pretrain import pretrain
 
 
 def forward_step(data_iterator, model):
@@ -53,38 +53,36 @@ def forward_step(data_iterator, model):
     return output, loss_fn
 
 
-def build_datasets(args, tokenizer, num_samples):
+def build_datasets(config: RunConfig, bert: BertConfig, tokenizer, num_samples):
     """Train/valid/test BERT datasets (sentence-split `--data-path`), each sample a dict of numpy arrays:
     text, types, labels (-1 where not masked), loss_mask, padding_mask (True = PAD), is_random."""
     for name in ("cls", "sep", "mask"):  # before any index is built: a tokenizer without them raises a UserError
         getattr(tokenizer, name)
-    config = BertDatasetConfig(
-        seq_length=args.seq_length, seed=args.seed, data_path=args.data_path or [], split=args.split,
-        data_cache_path=args.data_cache_path, masked_lm_prob=args.mask_prob, short_seq_prob=args.short_seq_prob,
-        max_ngram=args.masking_max_ngram, whole_word_masking=args.whole_word_masking,
-        binary_head=args.bert_binary_head, tokenizer=tokenizer,
-        tokenizer_description=f"{args.tokenizer_type}:{args.vocab_file}:{tokenizer.vocab_size}",
+    data = config.data
+    dataset_config = BertDatasetConfig(
+        seq_length=config.model.seq_length, seed=config.training.seed, data_path=list(data.data_path),
+        split=data.split, data_cache_path=data.data_cache_path, masked_lm_prob=bert.mask_prob,
+        short_seq_prob=bert.short_seq_prob, max_ngram=bert.masking_max_ngram,
+        whole_word_masking=bert.whole_word_masking, binary_head=bert.binary_head, tokenizer=tokenizer,
+        tokenizer_description=f"{config.tokenizer.tokenizer_type}:{config.tokenizer.vocab_file}:{tokenizer.vocab_size}",
     )
-    return build_bert_datasets(config, num_samples)
+    return build_bert_datasets(dataset_config, num_samples)
 
 
 def main(argv=None):
-    args = parse_bert_args(argv)
-    tokenizer = build_tokenizer(tokenizer_config_from_args(args))
-    args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                                                     args.tensor_model_parallel_size)
-    args.true_vocab_size = tokenizer.vocab_size
-    args.model_type = "bert"  # saved with the checkpoint: fine-tuning checks it
-    config = transformer_config(args, args.padded_vocab_size, causal=False)
+    flags = parse_bert_args(argv)
+    bert = bert_config(flags)
+    tokenizer = build_tokenizer(tokenizer_config_from_args(flags))
+    config = resolve_config(flags, tokenizer.vocab_size, model_type="bert")  # "bert": fine-tuning checks it
 
-    def model_provider(_args, pre_process, post_process, layer_offset, num_local_layers):
-        return BertModel(config, pre_process, post_process, layer_offset, num_local_layers, seed=args.seed,
-                         add_binary_head=args.bert_binary_head)
+    def model_provider(pre_process, post_process, layer_offset, num_local_layers):
+        return BertModel(config.model, pre_process, post_process, layer_offset, num_local_layers,
+                         seed=config.training.seed, add_binary_head=bert.binary_head)
 
-    def datasets_provider(_args, num_samples):
-        return build_datasets(args, tokenizer, num_samples)
+    def datasets_provider(num_samples):
+        return build_datasets(config, bert, tokenizer, num_samples)
 
-    pretrain(args, model_provider, datasets_provider, forward_step)
+    pretrain(config, model_provider, datasets_provider, forward_step)
     return 0
 
 

@@ -11,15 +11,16 @@ import sys
 
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tokenizer import build_tokenizer, tokenizer_config_from_args, vocab_size_with_padding
+from megatron.core.tokenizer import build_tokenizer, tokenizer_config_from_args
 from megatron.training.arguments import parse_args
 from megatron.training.cli import run_cli
-from megatron.training.model_config import transformer_config
-from megatron.training.trainer import pretrain
+from megatron.training.config import resolve_config
+from megatron.training.pretrain import pretrain
 
 
 def forward_step(data_iterator, model):
-    """One micro-batch through this pipeline stage; on the last stage, the loss function for its output."""
+    """One micro-batch through this pipeline stage; on the last stage, the loss function for its output
+    (the `ForwardStep` contract of megatron/core/pipeline_parallel/schedules.py)."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], ltd=batch["ltd"])
 
@@ -32,27 +33,25 @@ def forward_step(data_iterator, model):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    tokenizer = build_tokenizer(tokenizer_config_from_args(args))
-    padded_vocab = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                                           args.tensor_model_parallel_size)
-    args.padded_vocab_size = padded_vocab
-    args.true_vocab_size = tokenizer.vocab_size  # lets tools/checkpoint_util.py re-pad for another TP size
-    config = transformer_config(args, padded_vocab)
+    flags = parse_args(argv)
+    tokenizer = build_tokenizer(tokenizer_config_from_args(flags))
+    config = resolve_config(flags, tokenizer.vocab_size)
+    seed, data = config.training.seed, config.data
 
-    def model_provider(_args, pre_process, post_process, layer_offset, num_local_layers):
-        return GPTModel(config, pre_process, post_process, layer_offset, num_local_layers, seed=args.seed)
+    def model_provider(pre_process, post_process, layer_offset, num_local_layers):
+        return GPTModel(config.model, pre_process, post_process, layer_offset, num_local_layers, seed=seed)
 
-    def datasets_provider(_args, num_samples):
+    def datasets_provider(num_samples):
         data_config = GPTDatasetConfig(
-            seq_length=args.seq_length, seed=args.seed, data_path=args.data_path or [], split=args.split,
-            data_cache_path=args.data_cache_path, mock=args.mock_data, eod_token=tokenizer.eod,
-            vocab_size=tokenizer.vocab_size, reset_position_ids=args.reset_position_ids,
-            eod_mask_loss=args.eod_mask_loss, tokenizer_description=f"{args.tokenizer_type}:{tokenizer.vocab_size}",
+            seq_length=config.model.seq_length, seed=seed, data_path=list(data.data_path), split=data.split,
+            data_cache_path=data.data_cache_path, mock=data.mock_data, eod_token=tokenizer.eod,
+            vocab_size=tokenizer.vocab_size, reset_position_ids=data.reset_position_ids,
+            eod_mask_loss=data.eod_mask_loss,
+            tokenizer_description=f"{config.tokenizer.tokenizer_type}:{tokenizer.vocab_size}",
         )
         return build_gpt_datasets(data_config, num_samples)
 
-    pretrain(args, model_provider, datasets_provider, forward_step)
+    pretrain(config, model_provider, datasets_provider, forward_step)
     return 0
 
 

@@ -164,10 +164,10 @@ def mean_keep(m: ModelShape) -> dict:
     sched = MSLGSchedule(m.seq, m.ltd_start, m.ltd_step, m.ltd_ramp_iters)
     curve = LayerTokenCurve(m.num_layers, m.seq, m.global_batch, len(m.ltd_layers), sched)
     iters = curve.iterations_to_reach(m.train_layer_tokens)
-    total_r = sched.sum_seq_lengths(iters)
+    total_r = sched.sum_kept_lengths(iters)
     ramp = m.ltd_ramp_iters
     return {"iterations": iters, "mean_r": total_r / iters, "full_length_iteration": sched.full_length_iteration(),
-            "mean_r_during_ramp": sched.sum_seq_lengths(ramp) / ramp}
+            "mean_r_during_ramp": sched.sum_kept_lengths(ramp) / ramp}
 
 
 def compute(m: ModelShape) -> dict:

@@ -35,5 +35,5 @@ print("iterations", [r["iteration"] for r in a] == [r["iteration"] for r in b], 
 print("device in log:", [l.strip() for l in open(f"{out}/a.log") if "training for" in l])
 diff = max(abs(x["lm_loss"] - y["lm_loss"]) for x, y in zip(a, b))
 print(f"max |loss straight - loss resumed| = {diff:.3e}; identical: {diff == 0.0}")
-print("ltd_seq_length", [r["ltd_seq_length"] for r in a])
+print("kept_length", [r["kept_length"] for r in a])
 PY

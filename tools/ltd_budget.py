@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.core.random_ltd import plan_training  # noqa: E402
 from megatron.training import arguments  # noqa: E402
-from megatron.training.run_length import RunLength, check_ltd_flags, resolve_run_length  # noqa: E402
+from megatron.training.config import run_length_from_flags, warn_unused_ltd_flags  # noqa: E402
+from megatron.training.run_length import RunLength  # noqa: E402
 
 
 def _count(text: str) -> int:
@@ -56,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args) -> RunLength:
     """The trainer's RunLength for these flags; raises UserError."""
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size  # Megatron's default on one data-parallel rank
+    G = args.global_batch_size or args.micro_batch_size  # Megatron's default on one data-parallel rank
     missing = [flag for flag, value in (("--num-layers", args.num_layers), ("--seq-length", args.seq_length),
-                                        ("--global-batch-size", args.global_batch_size)) if value is None]
+                                        ("--global-batch-size", G)) if value is None]
     if missing:
         raise UserError(f"a plan needs {', '.join(missing)} (or paste the trainer's whole command line)")
-    check_ltd_flags(args)  # warns on stderr, so --json output stays one JSON object
-    return resolve_run_length(args, args.num_layers)
+    arguments.check_ranges(args)
+    warn_unused_ltd_flags(args)  # on stderr, so --json output stays one JSON object
+    return run_length_from_flags(args, G)
 
 
 def make_plan(args, run: RunLength) -> dict:

@@ -5,7 +5,7 @@ training wall-clock, training loss, and the random-LTD kept length r_t.
     python tools/plot_runs.py a.jsonl b.jsonl --labels "dense B,random-LTD 2B/3" --output-dir plots --title KJV
 
 Writes `val_loss_vs_layer_tokens.png`, `val_loss_vs_time.png`, `train_loss_vs_layer_tokens.png` and
-`ltd_seq_length.png` into the output folder (each through a temporary file, so an interrupted run never
+`kept_length.png` into the output folder (each through a temporary file, so an interrupted run never
 leaves a half-written PNG). Why layer-tokens: random-LTD's claim is about compute, and a layer-token is
 what a transformer layer spends on one token, so runs with and without dropping compare on one axis.
 The wall-clock axis is the time spent in training steps (`train_time_s`), without evaluation or saving;
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 
-PLOTS = ("val_loss_vs_layer_tokens", "val_loss_vs_time", "train_loss_vs_layer_tokens", "ltd_seq_length")
+PLOTS = ("val_loss_vs_layer_tokens", "val_loss_vs_time", "train_loss_vs_layer_tokens", "kept_length")
 
 
 def read_run(path: str) -> dict:
@@ -48,6 +48,8 @@ def read_run(path: str) -> dict:
             if "val_loss" in rec:
                 val[rec["iteration"]] = rec
             elif "lm_loss" in rec:
+                if "ltd_seq_length" in rec:  # logs written before r_t was named kept_length
+                    rec.setdefault("kept_length", rec.pop("ltd_seq_length"))
                 train[rec["iteration"]] = rec
     if not train:
         raise UserError(f"{path} holds no training records (lm_loss); is this a --log-json file?")
@@ -99,7 +101,7 @@ def plot(runs: dict, output_dir: str, title: str = "") -> list:
         "val_loss_vs_time": ("val", "train_time_s", "val_loss", "training time (s, steps only)", "validation loss"),
         "train_loss_vs_layer_tokens": ("train", "consumed_layer_tokens", "lm_loss", "layer-tokens consumed",
                                        "training loss (interval mean)"),
-        "ltd_seq_length": ("train", "iteration", "ltd_seq_length", "iteration", "kept tokens per sample r_t"),
+        "kept_length": ("train", "iteration", "kept_length", "iteration", "kept tokens per sample r_t"),
     }
     written = []
     for name in PLOTS:

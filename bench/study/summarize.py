@@ -40,7 +40,7 @@ def load_run(run_dir):
     out = {"iterations": last["iteration"], "samples": last["consumed_samples"], "raw_tokens": last["consumed_tokens"],
            "layer_tokens": last["consumed_layer_tokens"], "saving": last["layer_token_saving"],
            "train_time_s": last.get("train_time_s", float("nan")), "val_loss": val[-1]["val_loss"] if val else None,
-           "r_final": last["ltd_seq_length"]}
+           "r_final": last["kept_length"]}
     with open(os.path.join(run_dir, "wall_seconds")) as f:
         out["wall_s"] = float(f.read())
     with open(os.path.join(run_dir, "heldout.json")) as f:

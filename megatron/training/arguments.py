@@ -1,17 +1,21 @@
-"""Megatron's command-line flags, parsed in one place and turned into config dataclasses.
+"""Megatron's command-line flags and the range of every numeric one, checked in one place.
 
-Flag names and defaults follow Megatron-LM so existing launch scripts work. Library code never sees the
-argparse namespace: `build_configs` hands out dataclasses.
+Flag names and defaults follow Megatron-LM so existing launch scripts work; the model flags take their
+defaults from `TransformerConfig` itself, so no default is written twice. `parse_args` returns the parsed
+flags with every value range checked (`RANGES`); `megatron.training.config.resolve_config` then turns them,
+once, into the frozen `RunConfig` that everything else reads. Nothing mutates the namespace.
 """
 
 import argparse
-import os
+import dataclasses
 import sys
 
 from megatron.core.errors import UserError
 from megatron.core.tokenizer import add_tokenizer_args
+from megatron.core.transformer.config import TransformerConfig
 from megatron.training.cli import ArgumentParser
-from megatron.training.run_length import check_ltd_flags, resolve_run_length
+
+MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
 
 
 def _int_or_float(text: str) -> int:
@@ -32,15 +36,16 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--num-attention-heads", type=int, required=True)
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--max-position-embeddings", type=int, default=None)
-    g.add_argument("--position-embedding-type", default="learned_absolute", choices=["learned_absolute", "rope", "none"])
-    g.add_argument("--rotary-base", type=int, default=10000)
-    g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
-    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float, default=1e-5)
+    g.add_argument("--position-embedding-type", default=MODEL_DEFAULTS["position_embedding_type"], choices=["learned_absolute", "rope", "none"])
+    g.add_argument("--rotary-base", type=int, default=MODEL_DEFAULTS["rotary_base"])
+    g.add_argument("--normalization", default=MODEL_DEFAULTS["normalization"], choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float,
+                   default=MODEL_DEFAULTS["layernorm_epsilon"])
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
-    g.add_argument("--attention-dropout", type=float, default=0.1)
-    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=MODEL_DEFAULTS["hidden_dropout"])
+    g.add_argument("--attention-dropout", type=float, default=MODEL_DEFAULTS["attention_dropout"])
+    g.add_argument("--init-method-std", type=float, default=MODEL_DEFAULTS["init_method_std"])
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
@@ -112,8 +117,8 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
 
     g = p.add_argument_group("random-LTD")
     g.add_argument("--random-ltd", action="store_true", help="enable random layerwise token dropping")
-    # default None = "not given" (a warning names LTD flags given without --random-ltd); 128 and 16 are
-    # filled in by check_ltd_flags
+    # default None = "not given" (a warning names LTD flags given without --random-ltd); the defaults are
+    # RandomLTDConfig's, taken when the config is resolved
     g.add_argument("--random-ltd-start-seq-length", type=int, default=None, help="r_0 (default 128)")
     g.add_argument("--random-ltd-seq-step", type=int, default=None, help="q (default 16)")
     g.add_argument("--random-ltd-ramp-iters", type=int, default=None)
@@ -137,94 +142,65 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     return p
 
 
+
+# Value ranges, checked here and nowhere else: flag dest -> (test, rule as the message says it[, why]).
+# A flag left at None (not given) is not checked. The random-LTD schedule values are checked with their
+# cross-field rules by `RandomLTDConfig.validate` (r_0 against s and q), the one place for those.
+_POS = (lambda v: v > 0, "positive")
+_GE1 = (lambda v: v >= 1, ">= 1")
+_GE0 = (lambda v: v >= 0, ">= 0")
+_PROB = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+_FRACTION = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+RANGES = {
+    # model
+    "num_layers": _POS, "hidden_size": _POS, "ffn_hidden_size": _POS, "num_attention_heads": _POS,
+    "seq_length": _POS, "max_position_embeddings": _POS, "rotary_base": _POS, "norm_epsilon": _POS,
+    "hidden_dropout": _PROB, "attention_dropout": _PROB, "init_method_std": _POS,
+    "make_vocab_size_divisible_by": _GE1, "vocab_size": _GE1,
+    # data and training
+    "num_workers": _GE0, "micro_batch_size": _POS, "global_batch_size": _POS, "train_iters": _POS,
+    "train_samples": _POS, "train_tokens": _POS, "train_layer_tokens": _POS, "exit_interval": _POS,
+    "exit_duration_in_mins": _POS, "seed": _GE0, "tensor_model_parallel_size": _GE1,
+    "pipeline_model_parallel_size": _GE1,
+    # learning rate
+    "lr": _GE0, "min_lr": _GE0, "lr_warmup_iters": _GE0, "lr_warmup_samples": _GE0, "lr_warmup_tokens": _GE0,
+    "lr_warmup_fraction": _FRACTION, "lr_decay_iters": _POS, "lr_decay_samples": _POS, "lr_decay_tokens": _POS,
+    # optimizer and loss scaling
+    "weight_decay": _GE0, "adam_beta1": _PROB, "adam_beta2": _PROB, "adam_eps": _POS, "clip_grad": _GE0,
+    "loss_scale": (*_POS, "the gradients are divided by it; omit it for dynamic loss scaling"),
+    "initial_loss_scale": _POS, "min_loss_scale": _POS,
+    "loss_scale_window": (*_GE1, "it counts the clean iterations before the loss scale is doubled"),
+    "hysteresis": (*_GE1, "it counts the overflowing iterations before the loss scale is halved"),
+    # logging, evaluation, checkpoints
+    "log_interval": _POS, "eval_interval": _POS, "eval_iters": _GE0, "save_interval": _POS,
+    # BERT (pretrain_bert_ltd.py's parser)
+    "mask_prob": (lambda v: 0.0 < v < 1.0, "in (0, 1)"), "short_seq_prob": _FRACTION, "masking_max_ngram": _GE1,
+}
+
+
+def check_ranges(flags: argparse.Namespace) -> None:
+    """One `error:` line for the first flag whose value is out of range (e.g. `--lr -1`)."""
+    for name, value in vars(flags).items():
+        rule = RANGES.get(name)
+        if rule is None or value is None or isinstance(value, bool):
+            continue
+        ok, words, *why = rule
+        if not ok(value):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise UserError(f"--{name.replace('_', '-')} must be {words}, got {shown}" + (f" ({why[0]})" if why else ""))
+
+
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
-    args = (parser or build_parser()).parse_args(argv)
-    validate_args(args)
-    return args
+    """The flags, parsed and range-checked; cross-flag rules are `config.resolve_config`'s."""
+    flags = (parser or build_parser()).parse_args(argv)
+    check_ranges(flags)
+    return flags
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Cross-flag rules, with Megatron's derived defaults filled in."""
-    # A missing --global-batch-size stays None here: Megatron's default, micro batch x data-parallel
-    # size, is known only once the process group exists (trainer._pretrain fills it in).
-    if args.micro_batch_size < 1 or (args.global_batch_size is not None and args.global_batch_size < 1):
-        raise UserError("--micro-batch-size and --global-batch-size must be positive")
-    if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
-        raise UserError(
-            f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
-            f"{args.micro_batch_size}; gradient accumulation needs a whole number of micro-batches"
-        )
-    if args.bf16 and args.fp16:
-        raise UserError("choose one of --bf16 and --fp16")
-    lengths = [n for n in ("train_iters", "train_samples", "train_tokens", "train_layer_tokens")
-               if getattr(args, n) is not None]
-    if not lengths:
-        raise UserError("give the training length: --train-iters, --train-samples, --train-tokens "
-                        "or --train-layer-tokens")
-    if args.train_iters is not None and args.train_samples is not None:
-        raise UserError("give only one of --train-iters and --train-samples")
-    for name in lengths:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if not args.mock_data and not args.data_path:
-        raise UserError("no training data: pass --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
-    if args.split is None:
-        args.split = "969,30,1"
-    if args.log_interval < 1 or args.eval_interval < 1 or args.eval_iters < 0:
-        raise UserError("--log-interval and --eval-interval must be positive, --eval-iters non-negative")
-    if args.save_interval is not None and args.save_interval < 1:
-        raise UserError("--save-interval must be positive")
-    if args.save_interval is not None and args.save is None:
-        raise UserError("--save-interval needs --save DIR")
-    if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1:
-        raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    if args.num_workers < 0:
-        raise UserError("--num-workers must be >= 0")
-    if args.exit_interval is not None and args.exit_interval < 1:
-        raise UserError("--exit-interval must be positive")
-    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
-        raise UserError("--exit-duration-in-mins must be positive")
-    _check_loss_scale_flags(args)
-    # random-LTD and run length: checked now, before the process group, the banner or the model exist
-    check_ltd_flags(args)
-    probe = args
-    if args.global_batch_size is None:  # the DP size torchrun's WORLD_SIZE implies; _pretrain sets the real one
-        dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // (args.tensor_model_parallel_size *
-                                                             args.pipeline_model_parallel_size))
-        probe = argparse.Namespace(**{**vars(args), "global_batch_size": args.micro_batch_size * dp})
-    resolve_run_length(probe, args.num_layers)
-
-
-def _check_loss_scale_flags(args: argparse.Namespace) -> None:
-    """The fp16 loss-scale flags (checked in every precision: no value they refuse means anything)."""
-    if args.loss_scale is not None and not args.loss_scale > 0:
-        raise UserError(f"--loss-scale must be positive, got {args.loss_scale:g} (the gradients are divided by "
-                        "it); omit it for dynamic loss scaling")
-    if args.hysteresis < 1:
-        raise UserError(f"--hysteresis must be >= 1, got {args.hysteresis}: it counts the overflowing iterations "
-                        "before the loss scale is halved")
-    if args.loss_scale_window < 1:
-        raise UserError(f"--loss-scale-window must be >= 1, got {args.loss_scale_window}: it counts the clean "
-                        "iterations before the loss scale is doubled")
-    if not args.min_loss_scale > 0:
-        raise UserError(f"--min-loss-scale must be positive, got {args.min_loss_scale:g}")
-    if not args.initial_loss_scale >= args.min_loss_scale:
-        raise UserError(f"--initial-loss-scale {args.initial_loss_scale:g} is below --min-loss-scale "
-                        f"{args.min_loss_scale:g}; raise the first or lower the second")
-
-
-def print_args(args: argparse.Namespace, file=None) -> None:
+def print_args(args: dict, file=None) -> None:
     """Megatron's start-up banner: every argument, sorted, dotted to a column."""
     file = file or sys.stdout
     print("------------------------ arguments ------------------------", file=file)
-    for key in sorted(vars(args)):
-        print(f"  {key} {'.' * max(1, 48 - len(key))} {getattr(args, key)}", file=file)
+    for key in sorted(args):
+        print(f"  {key} {'.' * max(1, 48 - len(key))} {args[key]}", file=file)
     print("-------------------- end of arguments ---------------------", file=file, flush=True)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-

@@ -7,11 +7,22 @@ has as dataset-config fields get flags here (`--masking-max-ngram`, `--no-whole-
 
 import argparse
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from megatron.core.errors import UserError
 from megatron.core.random_ltd.config import parse_layer_spec
 from megatron.training.arguments import build_parser, parse_args
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """BERT's own settings (the rest of the run is the shared RunConfig)."""
+    binary_head: bool  # the sentence-order prediction (SOP) head, pooler and token types
+    mask_prob: float
+    short_seq_prob: float
+    masking_max_ngram: int
+    whole_word_masking: bool
 
 
 def add_bert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -28,12 +39,7 @@ def add_bert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def validate_bert_args(args: argparse.Namespace) -> None:
-    if not 0.0 < args.mask_prob < 1.0:
-        raise UserError(f"--mask-prob must be in (0, 1), got {args.mask_prob}")
-    if not 0.0 <= args.short_seq_prob <= 1.0:
-        raise UserError(f"--short-seq-prob must be in [0, 1], got {args.short_seq_prob}")
-    if args.masking_max_ngram < 1:
-        raise UserError(f"--masking-max-ngram must be >= 1, got {args.masking_max_ngram}")
+    """BERT's cross-flag rules (the value ranges are arguments.RANGES')."""
     if args.mock_data:
         raise UserError("--mock-data is GPT-only; BERT needs sentence-split data: pass --data-path PREFIX "
                         "(tools/preprocess_data.py --split-sentences)")
@@ -74,3 +80,8 @@ def parse_bert_args(argv=None) -> argparse.Namespace:
     args = parse_args(argv, parser)
     validate_bert_args(args)
     return args
+
+
+def bert_config(flags: argparse.Namespace) -> BertConfig:
+    return BertConfig(flags.bert_binary_head, flags.mask_prob, flags.short_seq_prob, flags.masking_max_ngram,
+                      flags.whole_word_masking)

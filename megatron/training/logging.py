@@ -9,11 +9,25 @@ import os
 import time
 from typing import Optional
 
+import torch.distributed as dist
+
+from megatron.core import parallel_state as ps
+
 
 # JSON key -> TensorBoard tag (Megatron's tag names where it has one)
 TB_TAGS = {"lm_loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm", "loss_scale": "loss-scale",
-           "tokens_per_sec": "tokens-per-second", "ltd_seq_length": "ltd-seq-length",
+           "tokens_per_sec": "tokens-per-second", "kept_length": "kept-length",
            "consumed_layer_tokens": "consumed-layer-tokens", "layer_token_saving": "layer-token-saving"}
+
+
+def print_rank_0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def is_logging_rank() -> bool:
+    """The last pipeline stage's first rank: the one that has the loss and prints the log line."""
+    return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
 
 
 def timestamp() -> str:
@@ -35,7 +49,7 @@ def format_train_line(m: dict, metric_names=("lm loss",)) -> str:
     parts += [f"{name}: {m[name.replace(' ', '_')]:.6E}" for name in metric_names]
     if m.get("random_ltd"):
         parts += [
-            f"ltd seq length: {m['ltd_seq_length']:5d}",
+            f"kept length: {m['kept_length']:5d}",
             f"consumed layer tokens: {m['consumed_layer_tokens']:d}",
             f"layer-token saving: {100 * m['layer_token_saving']:.2f}%",
         ]

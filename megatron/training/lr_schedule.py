@@ -20,13 +20,25 @@ from megatron.core.errors import UserError
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LRScheduleConfig:
     max_lr: float
     min_lr: float
     decay_style: str
     warmup_samples: float  # progress units: samples (dense-equivalent with layer tokens)
     decay_samples: float
+    layer_tokens: bool = False  # --layer-token-lr-schedule: progress is C / (L * s), not samples
+
+    def state_dict(self, num_steps: int, num_layer_tokens: int) -> dict:
+        """Megatron's `opt_param_scheduler` checkpoint entry (lengths and progress in samples), plus the
+        layer-token progress; `num_steps` counts successful steps only, as Megatron's does."""
+        return {"max_lr": self.max_lr, "min_lr": self.min_lr, "lr_warmup_steps": self.warmup_samples,
+                "lr_decay_steps": self.decay_samples, "lr_decay_style": self.decay_style, "num_steps": num_steps,
+                "num_layer_tokens": num_layer_tokens}
+
+    def progress(self, samples: int, layer_tokens: int, num_layers: int, seq_length: int) -> float:
+        """Schedule progress before an iteration, in this schedule's unit."""
+        return progress_samples(samples, layer_tokens, num_layers, seq_length, self.layer_tokens)
 
     def __post_init__(self):
         if self.decay_style not in DECAY_STYLES:

@@ -48,12 +48,12 @@ def test_layouts_match_single_process_and_checkpoints_merge(tmp_path, monkeypatc
         run_layout(argv + ["--log-json", str(tmp_path / f"{name}.jsonl")] + save, tp, pp, dp)
         logs[(tp, pp, dp)] = read_json_lines(tmp_path / f"{name}.jsonl")
     ref = [r for r in logs[(1, 1, 1)] if "lm_loss" in r]
-    assert len(ref) == 8 and ref[0]["ltd_seq_length"] == 8
+    assert len(ref) == 8 and ref[0]["kept_length"] == 8
     for layout, recs in logs.items():
         train = [r for r in recs if "lm_loss" in r]
         assert [r["iteration"] for r in train] == list(range(1, 9)), layout
         for a, b in zip(ref, train):
-            assert a["ltd_seq_length"] == b["ltd_seq_length"], layout
+            assert a["kept_length"] == b["kept_length"], layout
             for key in ("lm_loss", "sop_loss"):
                 assert close(a[key], b[key]), (layout, a["iteration"], key, a[key], b[key])
             assert close(a["grad_norm"], b["grad_norm"], 1e-4), (layout, a["iteration"], a["grad_norm"], b["grad_norm"])

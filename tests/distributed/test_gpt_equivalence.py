@@ -55,14 +55,14 @@ def test_layouts_match_single_process(tmp_path, data, ltd):
         train = [r for r in recs if "lm_loss" in r]
         assert [r["iteration"] for r in train] == list(range(1, 11)), layout
         for a, b in zip(ref_train, train):
-            assert a["ltd_seq_length"] == b["ltd_seq_length"] and a["consumed_layer_tokens"] == b["consumed_layer_tokens"]
+            assert a["kept_length"] == b["kept_length"] and a["consumed_layer_tokens"] == b["consumed_layer_tokens"]
             assert close(a["lm_loss"], b["lm_loss"]), (layout, a["iteration"], a["lm_loss"], b["lm_loss"])
             assert close(a["grad_norm"], b["grad_norm"], 1e-4), (layout, a["iteration"], a["grad_norm"], b["grad_norm"])
         vals_a = [r["val_loss"] for r in ref if "val_loss" in r]
         vals_b = [r["val_loss"] for r in recs if "val_loss" in r]
         assert len(vals_a) == len(vals_b) == 2 and all(close(x, y) for x, y in zip(vals_a, vals_b)), layout
     if ltd:
-        assert ref_train[0]["ltd_seq_length"] == 8
+        assert ref_train[0]["kept_length"] == 8
 
 
 @pytest.mark.parametrize("tp, pp, dp, folders", [
@@ -90,8 +90,8 @@ def test_merged_tp2_pp2_checkpoint_equals_single_process(tmp_path, data):
     """Train TP=2 x PP=2 and one process side by side, merge the sharded checkpoint: same weights."""
     import torch
 
-    from megatron.training.checkpoint_layout import convert_checkpoint
-    from megatron.training.checkpointing import load_checkpoint
+    from megatron.checkpoint.convert import convert_checkpoint
+    from megatron.checkpoint.protocol import load_checkpoint
 
     argv = BASE + ["--data-path", data, "--untie-embeddings-and-output-weights", "--swiglu"] + LTD
     run_layout(argv + ["--save", str(tmp_path / "single")], 1, 1, 1)

@@ -60,7 +60,7 @@ def _train_and_record(rank, world, argv, out_dir):
 
 @pytest.mark.parametrize("flags, needle", BAD_CONFIGS)
 def test_bad_parallel_config_fails_on_every_rank(tmp_path, flags, needle):
-    argv = TINY + GLOO + ["--train-iters", "2", "--save", str(tmp_path / "ck")] + flags
+    argv = TINY + GLOO + ["--train-iters", "3", "--save", str(tmp_path / "ck")] + flags
     run_distributed(_train_and_record, world_size=4, args=(argv, str(tmp_path)), hang_after_s=120)
     for rank in range(4):
         rec = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -74,7 +74,7 @@ def test_bad_parallel_config_under_torchrun(tmp_path):
     """The real launcher: non-zero exit, only our one-line message (from however many ranks torchrun let
     print before stopping the rest), no traceback of ours, nothing written."""
     flags, needle = BAD_CONFIGS[0]
-    proc = torchrun(TINY + GLOO + ["--train-iters", "2", "--save", str(tmp_path / "ck")] + flags)
+    proc = torchrun(TINY + GLOO + ["--train-iters", "3", "--save", str(tmp_path / "ck")] + flags)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all(needle in line for line in errors), proc.stderr[-3000:]

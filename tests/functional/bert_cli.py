@@ -92,8 +92,8 @@ def use_synthetic_data(monkeypatch):
     """Make pretrain_bert_ltd.py train on `SyntheticBertDataset` (train/valid/test of the asked sizes)."""
     entry = load_entry()
 
-    def build(args, tokenizer, num_samples):
-        return tuple(SyntheticBertDataset(max(n, 1), args.seq_length, seed=i, binary_head=args.bert_binary_head,
+    def build(config, bert, tokenizer, num_samples):
+        return tuple(SyntheticBertDataset(max(n, 1), config.model.seq_length, seed=i, binary_head=bert.binary_head,
                                           pad=tokenizer.pad, cls=tokenizer.cls, sep=tokenizer.sep,
                                           mask=tokenizer.mask) if n else None
                      for i, n in enumerate(num_samples))

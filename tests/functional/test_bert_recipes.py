@@ -80,7 +80,7 @@ def test_ltd_recipe_runs_shrunk(corpus, tmp_path):
     # MSLG: r_t = min(s, q * floor((r0 + t / T * (s - r0)) / q)), t = 0-based iteration
     mslg = [min(S, Q * ((R0 * T_RAMP + t * (S - R0)) // (T_RAMP * Q))) for t in range(8)]
     assert mslg == [8, 12, 16, 20, 24, 28, 32, 32]  # the formula, worked by hand
-    assert [r["ltd_seq_length"] for r in train] == mslg
+    assert [r["kept_length"] for r in train] == mslg
     # Layers 1 and 2 of 4 drop: per sample 2 * s + 2 * r_t layer-tokens, 4 samples per iteration.
     assert train[-1]["consumed_layer_tokens"] == sum(4 * (2 * S + 2 * r) for r in mslg)
 
@@ -88,5 +88,5 @@ def test_ltd_recipe_runs_shrunk(corpus, tmp_path):
 def test_baseline_recipe_runs_shrunk(corpus, tmp_path):
     proc, train, valid = run_recipe("pretrain_bert_large_baseline.sh", corpus, tmp_path)
     check_run(proc, train, valid, tmp_path)
-    assert all(r["ltd_seq_length"] == S for r in train)
+    assert all(r["kept_length"] == S for r in train)
     assert train[-1]["consumed_layer_tokens"] == 8 * 4 * 4 * S

@@ -22,7 +22,7 @@ def write_log(path, records):
 
 
 def train_rec(it, loss, lt, r, ms=100.0, t=None):
-    rec = {"iteration": it, "lm_loss": loss, "consumed_layer_tokens": lt, "ltd_seq_length": r,
+    rec = {"iteration": it, "lm_loss": loss, "consumed_layer_tokens": lt, "kept_length": r,
            "elapsed_ms_per_iteration": ms}
     if t is not None:
         rec["train_time_s"] = t
@@ -89,3 +89,11 @@ def test_bad_input_is_one_line_and_writes_nothing(logs, tmp_path, case, needle):
     proc = subprocess.run([sys.executable, "tools/plot_runs.py", *argv, "--output-dir", str(out)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+
+
+def test_reads_logs_written_before_r_was_named_kept_length(tmp_path):
+    tool = load_script("tools/plot_runs.py")
+    old = {"iteration": 2, "lm_loss": 5.0, "consumed_layer_tokens": 400, "ltd_seq_length": 8,
+           "elapsed_ms_per_iteration": 100.0}
+    run = tool.read_run(write_log(tmp_path / "old" / "metrics.jsonl", [old]))
+    assert run["train"][0]["kept_length"] == 8

@@ -40,12 +40,12 @@ def test_tiny_bert_with_ltd_learns_and_logs(tmp_path, vocab, monkeypatch, capsys
         "--eval-interval", "300", "--eval-iters", "2"])
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "iteration      300/     300" in x)
-    for field in ("lm loss:", "sop loss:", "mlm accuracy:", "sop accuracy:", "ltd seq length:"):
+    for field in ("lm loss:", "sop loss:", "mlm accuracy:", "sop accuracy:", "kept length:"):
         assert field in line, field
     assert "sop loss value:" in out and "mlm accuracy value:" in out  # the validation block
     train = [r for r in records if "lm_loss" in r]
     assert {"lm_loss", "sop_loss", "mlm_accuracy", "sop_accuracy"} <= set(train[0])
-    assert train[0]["ltd_seq_length"] == 8 and train[-1]["ltd_seq_length"] == 32
+    assert train[0]["kept_length"] == 8 and train[-1]["kept_length"] == 32
     ln_v = math.log(128)  # padded vocabulary
     assert abs(train[0]["lm_loss"] - ln_v) < 0.15 and abs(train[0]["sop_loss"] - math.log(2)) < 0.05
     assert sum(r["lm_loss"] for r in train[-3:]) / 3 < ln_v - 1.3, [r["lm_loss"] for r in train]
@@ -75,18 +75,17 @@ def test_no_binary_head_drops_sop(tmp_path, vocab, monkeypatch, capsys):
     (["--eod-mask-loss"], "GPT-only flags"),
 ])
 def test_bad_flags_one_line(tmp_path, vocab, capsys, flags, needle):
-    argv = bert_cli.TINY + ["--vocab-file", vocab, "--data-path", "x", "--train-iters", "2"] + flags
+    argv = bert_cli.TINY + ["--vocab-file", vocab, "--data-path", "x", "--train-iters", "3"] + flags
     assert bert_cli.run_inprocess(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
 
 
 def test_a_tokenizer_without_bert_tokens_is_refused(tmp_path):
-    args = type("A", (), {"tokenizer_type": "NullTokenizer"})()
     from megatron.core.tokenizer.null import NullTokenizer
 
-    with pytest.raises(UserError, match="BertWordPieceLowerCase"):
-        bert_cli.load_entry().build_datasets(args, NullTokenizer(10), (8, 8, 8))
+    with pytest.raises(UserError, match="BertWordPieceLowerCase"):  # before the config is read at all
+        bert_cli.load_entry().build_datasets(None, None, NullTokenizer(10), (8, 8, 8))
 
 
 def recipe_argv(script, out):
@@ -103,7 +102,7 @@ def test_bert_large_recipes_follow_the_paper(tmp_path):
     """LAUNCH=echo prints the command the recipe would launch; its flags give the paper's run."""
     from megatron.training.bert_arguments import parse_bert_args
     from megatron.training.lr_schedule import LRScheduleConfig, lr_at, schedule_lengths
-    from megatron.training.run_length import resolve_run_length
+    from megatron.training.config import run_length_from_flags
 
     ltd = parse_bert_args(recipe_argv("pretrain_bert_large_ltd.sh", tmp_path / "ltd"))
     base = parse_bert_args(recipe_argv("pretrain_bert_large_baseline.sh", tmp_path / "base"))
@@ -112,9 +111,9 @@ def test_bert_large_recipes_follow_the_paper(tmp_path):
         assert (a.global_batch_size, a.lr, a.min_lr, a.lr_decay_style, a.lr_warmup_iters) == (
             1024, 1e-4, 1e-5, "linear", 10000)
         assert a.tokenizer_type == "BertWordPieceLowerCase" and a.bert_binary_head
-    run = resolve_run_length(ltd, 24)
+    run = run_length_from_flags(ltd, ltd.global_batch_size)
     assert run.train_iters == 2_000_000 and run.ltd_layers == frozenset(range(1, 23))
-    assert run.keep_at(0) == 128 and run.keep_at(1_739_499) == 496 and run.keep_at(1_739_500) == 512
+    assert run.kept_length(0) == 128 and run.kept_length(1_739_499) == 496 and run.kept_length(1_739_500) == 512
     assert ltd.layer_token_lr_schedule and not base.random_ltd and not base.layer_token_lr_schedule
     dense = 24 * 512  # layer-tokens per sample without dropping
     saving = 1 - run.curve.cumulative(run.train_iters) / (dense * 1024 * run.train_iters)
@@ -124,7 +123,7 @@ def test_bert_large_recipes_follow_the_paper(tmp_path):
         global_batch_size=1024, seq_length=512, train_samples=run.decay_default_samples, warmup_iters=10000))
     total = run.curve.cumulative(run.train_iters) / dense  # dense-equivalent samples at the end
     assert lr_at(cfg, total) == pytest.approx(1e-5) and lr_at(cfg, 0.9 * total) > 1e-5
-    assert resolve_run_length(base, 24).train_iters == 2_000_000
+    assert run_length_from_flags(base, base.global_batch_size).train_iters == 2_000_000
 
 
 def test_real_sentence_data_end_to_end(tmp_path, vocab):
@@ -157,7 +156,7 @@ def test_real_sentence_data_end_to_end(tmp_path, vocab):
     assert bert_cli.run_inprocess(argv) == 0
     train = [r for r in read_json_lines(log) if "lm_loss" in r]
     assert len(train) == 20 and all(math.isfinite(r["lm_loss"]) and math.isfinite(r["sop_loss"]) for r in train)
-    assert train[0]["ltd_seq_length"] == 8 and train[-1]["ltd_seq_length"] == 32
+    assert train[0]["kept_length"] == 8 and train[-1]["kept_length"] == 32
     losses = [r["lm_loss"] for r in train]
     assert abs(losses[0] - math.log(128)) < 0.2, losses
     assert np.mean(losses[-3:]) < losses[0] - 1.0, losses
@@ -184,7 +183,7 @@ def loss_fn_metrics(correct, predicted):
 
 
 def test_mlm_accuracy_is_token_weighted():
-    from megatron.training.trainer import _mean_metrics
+    from megatron.training.metrics import mean_metrics as _mean_metrics
 
     # Micro-batch 1: 3 of 4 predicted tokens right; micro-batch 2: 1 of 1; micro-batch 3: none predicted.
     metrics = [loss_fn_metrics([3], [4]), loss_fn_metrics([1], [1]), loss_fn_metrics([0], [0])]
@@ -195,7 +194,7 @@ def test_mlm_accuracy_is_token_weighted():
 
 
 def _dp_accuracy(rank, world_size, out_dir):
-    from megatron.training.trainer import _mean_metrics
+    from megatron.training.metrics import mean_metrics as _mean_metrics
 
     mine = [loss_fn_metrics([3, 0], [4, 2])] if rank == 0 else [loss_fn_metrics([1], [6]), loss_fn_metrics([0], [0])]
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
@@ -215,7 +214,7 @@ def test_mlm_accuracy_is_token_weighted_across_data_parallel_ranks(tmp_path):
 def test_ltd_in_first_or_last_layer_warns(tmp_path, vocab, capsys, layers, warned):
     from megatron.training.bert_arguments import parse_bert_args
 
-    argv = bert_cli.TINY + bert_cli.LTD + ["--vocab-file", vocab, "--data-path", "x", "--train-iters", "2",
+    argv = bert_cli.TINY + bert_cli.LTD + ["--vocab-file", vocab, "--data-path", "x", "--train-iters", "3",
                                            "--random-ltd-layers", layers]
     parse_bert_args(argv)
     lines = [x for x in capsys.readouterr().out.splitlines() if "WARNING" in x]
@@ -239,7 +238,7 @@ def test_out_of_vocab_data_refused_at_start_up(tmp_path, vocab, capsys):
             b.add_document([t for x in sentences for t in x], [len(x) for x in sentences])
         b.finalize(str(data / "bad_text_sentence.idx"))
     argv = bert_cli.TINY + ["--vocab-file", vocab, "--data-path", str(data / "bad_text_sentence"),
-                            "--train-iters", "2", "--save", str(tmp_path / "ck")]
+                            "--train-iters", "3", "--save", str(tmp_path / "ck")]
     assert bert_cli.run_inprocess(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: token id 300 in ") and "vocab of 107" in err[0], err

@@ -36,7 +36,7 @@ def test_tiny_run_learns_and_logs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "iteration       80/      80 | consumed samples:          320 |" in out
     assert "validation loss at iteration 80 on validation set" in out
-    assert "ltd seq length" not in out and "layer-token saving" not in out  # dense: Megatron's line
+    assert "kept length" not in out and "layer-token saving" not in out  # dense: Megatron's line
     recs = train_records(log)
     assert [r["iteration"] for r in recs] == list(range(1, 81))
     for key in ("iteration", "consumed_samples", "consumed_tokens", "lr", "lm_loss", "grad_norm",
@@ -87,14 +87,16 @@ def test_first_step_at_lr_zero_leaves_every_parameter_unchanged(tmp_path):
     here from the same flags and seed), weight decay included."""
     from megatron.core.models.gpt import GPTModel
     from megatron.training.arguments import parse_args
-    from megatron.training.model_config import transformer_config
+    from megatron.training.config import resolve_config
 
     argv = TINY + ["--train-iters", "1", "--lr-decay-iters", "10", "--eval-iters", "0", "--weight-decay", "0.1"]
     assert run_inprocess(argv + ["--save", str(tmp_path / "ck")]) == 0
     saved = torch.load(tmp_path / "ck" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt",
                        weights_only=True)
     assert saved["optimizer"]["adam"]["state"], "the optimizer did step (Adam moments exist)"
-    initial = GPTModel(transformer_config(parse_args(argv), 128), seed=7).state_dict()  # padded vocab 128
+    config = resolve_config(parse_args(argv), 97, world_size=1)
+    assert config.model.vocab_size == 128  # the NullTokenizer's 97 ids, padded
+    initial = GPTModel(config.model, seed=7).state_dict()
     assert set(saved["model"]) == set(initial)
     for name, tensor in initial.items():
         assert torch.equal(saved["model"][name], tensor), name
@@ -114,11 +116,11 @@ def test_resume_is_exact(tmp_path, ltd, capsys):
     assert run_inprocess(TINY + extra + ["--log-json", str(second), "--save", str(tmp_path / "ck_b"),
                                          "--load", str(tmp_path / "ck_b")]) == 0
     out = capsys.readouterr().out
-    assert ("ltd seq length:" in out) == ltd and ("layer-token saving:" in out) == ltd  # the line's LTD fields
+    assert ("kept length:" in out) == ltd and ("layer-token saving:" in out) == ltd  # the line's LTD fields
     a = train_records(straight)
     b = train_records(first) + train_records(second)
     assert [r["iteration"] for r in b] == list(range(1, 9))
-    keys = ["lm_loss", "lr", "grad_norm", "consumed_samples"] + (["ltd_seq_length", "consumed_layer_tokens"] if ltd else [])
+    keys = ["lm_loss", "lr", "grad_norm", "consumed_samples"] + (["kept_length", "consumed_layer_tokens"] if ltd else [])
     for ra, rb in zip(a, b):
         for k in keys:
             assert ra[k] == rb[k], (ra["iteration"], k, ra[k], rb[k])
@@ -131,10 +133,10 @@ def test_resume_is_exact(tmp_path, ltd, capsys):
     (["--global-batch-size", "5"], "not a multiple of --micro-batch-size"),
     (["--hidden-size", "30"], "not divisible by --num-attention-heads"),
     (["--max-position-embeddings", "16"], "longer than the position table"),
-    (["--train-iters", "2", "--no-such-flag"], "unrecognized arguments"),
+    (["--train-iters", "3", "--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_flags_one_line_no_traceback(tmp_path, flags, needle):
-    argv = TINY + ["--train-iters", "2"] + flags
+    argv = TINY + ["--train-iters", "3"] + flags
     proc = run_subprocess(argv + ["--save", str(tmp_path / "ck")])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

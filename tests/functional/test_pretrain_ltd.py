@@ -6,7 +6,7 @@ import math
 import pytest
 
 from megatron.training.arguments import build_parser
-from megatron.training.run_length import check_ltd_flags, resolve_run_length
+from megatron.training.config import resolve_config, run_length_from_flags
 from tests.functional.gpt_cli import (
     TINY,
     make_pattern_data,
@@ -53,7 +53,7 @@ def test_accounting_and_layer_token_lr_follow_the_formulas(tmp_path):
     warmup_lt, decay_lt = 256 * L, 14 * G * S * L
     consumed = 0  # layer-tokens before this iteration
     for t, rec in enumerate(recs):
-        assert rec["ltd_seq_length"] == mslg(t)
+        assert rec["kept_length"] == mslg(t)
         if consumed <= warmup_lt:
             lr_expected = lr_max * consumed / warmup_lt
         else:
@@ -106,11 +106,11 @@ def test_resume_mid_ramp_with_layer_token_lr_and_budget_is_exact(tmp_path):
     a = run(tmp_path, "a", extra + ["--save", str(tmp_path / "ck_a")])
     first = run(tmp_path, "b1", extra + ["--save", str(tmp_path / "ck_b"), "--exit-interval", "4"])
     second = run(tmp_path, "b2", extra + ["--save", str(tmp_path / "ck_b"), "--load", str(tmp_path / "ck_b")])
-    assert len(first) == 4 and first[-1]["consumed_layer_tokens"] < 3000 and first[-1]["ltd_seq_length"] < S
+    assert len(first) == 4 and first[-1]["consumed_layer_tokens"] < 3000 and first[-1]["kept_length"] < S
     b = first + second
     assert [r["iteration"] for r in b] == [r["iteration"] for r in a] == list(range(1, len(a) + 1))
     for ra, rb in zip(a, b):
-        for k in ("lm_loss", "lr", "grad_norm", "consumed_samples", "ltd_seq_length", "consumed_layer_tokens"):
+        for k in ("lm_loss", "lr", "grad_norm", "consumed_samples", "kept_length", "consumed_layer_tokens"):
             assert ra[k] == rb[k], (ra["iteration"], k, ra[k], rb[k])
     assert b[-1]["consumed_layer_tokens"] >= 3000 > b[-2]["consumed_layer_tokens"]
 
@@ -121,7 +121,7 @@ def test_resume_mid_ramp_with_layer_token_lr_and_budget_is_exact(tmp_path):
     (["--random-ltd-ramp-iters", "0"], "--random-ltd-ramp-iters 0 must be at least 1"),
 ])
 def test_bad_ltd_flags_fail_before_anything_is_built(tmp_path, capsys, flags, needle):
-    argv = TINY + LTD + ["--train-iters", "2", "--save", str(tmp_path / "ck")] + flags
+    argv = TINY + LTD + ["--train-iters", "3", "--save", str(tmp_path / "ck")] + flags
     assert run_inprocess(argv) == 2
     out, err = capsys.readouterr()
     assert out == "", "no banner, no model: the error comes from argument validation"
@@ -132,16 +132,16 @@ def test_bad_ltd_flags_fail_before_anything_is_built(tmp_path, capsys, flags, ne
 def test_ltd_flags_without_random_ltd_warn_once(tmp_path, capsys, monkeypatch):
     recs = run(tmp_path, "dense", ["--train-iters", "3", "--random-ltd-ramp-iters", "5",
                                    "--random-ltd-layers", "1-2"])
-    assert [r["ltd_seq_length"] for r in recs] == [S, S, S]  # trained dense, as the warning says
+    assert [r["kept_length"] for r in recs] == [S, S, S]  # trained dense, as the warning says
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "WARNING" in line] == [
         "WARNING: --random-ltd-ramp-iters, --random-ltd-layers ignored: random-LTD is off "
         "(add --random-ltd to drop tokens)"]
-    args = build_parser().parse_args(TINY + ["--train-iters", "2", "--random-ltd-seq-step", "8"])
+    flags = build_parser().parse_args(TINY + ["--train-iters", "3", "--random-ltd-seq-step", "8"])
     monkeypatch.setenv("RANK", "1")
-    check_ltd_flags(args)  # only rank 0 warns
-    assert capsys.readouterr().err == "" and args.random_ltd_seq_step == 8
-    assert args.random_ltd_start_seq_length == 128, "defaults filled in"
+    config = resolve_config(flags, 97, world_size=1)  # only rank 0 warns
+    assert capsys.readouterr().err == "" and config.args["random_ltd_seq_step"] == 8
+    assert config.args["random_ltd_start_seq_length"] == 128, "defaults filled in (in the saved args)"
 
 
 def test_pipeline_stages_draw_only_their_own_ltd_layers():
@@ -149,8 +149,7 @@ def test_pipeline_stages_draw_only_their_own_ltd_layers():
                                       "--seq-length", "2048", "--micro-batch-size", "1", "--global-batch-size", "1",
                                       "--lr", "1",
                                       "--train-iters", "10", "--random-ltd", "--random-ltd-ramp-iters", "5"])
-    check_ltd_flags(args)
-    run_length = resolve_run_length(args, 24)
+    run_length = run_length_from_flags(args, 1)
     stages = [run_length.stage_ltd_layers(6 * k, 6) for k in range(4)]  # 4 stages of 6 layers
     assert stages[0] == frozenset(range(1, 6)) and stages[3] == frozenset(range(18, 23))
     assert frozenset().union(*stages) == run_length.ltd_layers == frozenset(range(1, 23))
@@ -162,7 +161,7 @@ def test_ltd_run_learns_and_evaluates_full_length(tmp_path, capsys):
         "--data-path", prefix, "--split", "90,10,0", "--train-iters", "80", "--lr", "4e-3",
         "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-interval", "40", "--eval-iters", "2"]
     recs = run(tmp_path, "learn", argv, base=[a for a in TINY if a != "--mock-data"])
-    assert recs[0]["ltd_seq_length"] == 8 and recs[-1]["ltd_seq_length"] == 32
+    assert recs[0]["kept_length"] == 8 and recs[-1]["kept_length"] == 32
     assert recs[-1]["lm_loss"] < recs[0]["lm_loss"] - 1.0
     out = capsys.readouterr().out
     assert "validation loss at iteration 80" in out

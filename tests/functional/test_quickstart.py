@@ -42,7 +42,7 @@ def test_quickstart_runs_and_prints_paths_that_exist(tmp_path):
 
     with open(paths["training log"]) as f:
         log = f.read()  # step 4's output, tee'd
-    assert f"iteration        {TRAIN_ITERS}/       {TRAIN_ITERS} |" in log and "ltd seq length:" in log
+    assert f"iteration        {TRAIN_ITERS}/       {TRAIN_ITERS} |" in log and "kept length:" in log
     assert "validation loss at iteration 4 on validation set" in log
     assert f"validation loss at iteration {TRAIN_ITERS} on test set" in log
 
@@ -50,5 +50,5 @@ def test_quickstart_runs_and_prints_paths_that_exist(tmp_path):
     train = train_records(out / "metrics.jsonl")
     assert [r["iteration"] for r in train] == [2, 4, 6, 8]
     assert [r["iteration"] for r in recs if "val_loss" in r] == [4, 8]
-    r = [t["ltd_seq_length"] for t in train]  # the MSLG ramp: 128 -> 256 over 70% of the run
+    r = [t["kept_length"] for t in train]  # the MSLG ramp: 128 -> 256 over 70% of the run
     assert r == sorted(r) and r[0] < r[-1] == 256, r

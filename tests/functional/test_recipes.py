@@ -35,13 +35,13 @@ def test_ltd_recipe_stops_at_layer_token_budget(tmp_path):
     # Dense would be 4 layers x 32 x 4 samples = 512 layer-tokens per iteration; budget 2500.
     proc, recs = run_recipe("pretrain_gpt_1.3b_ltd.sh", tmp_path, LTD_START="8", LTD_STEP="4",
                             LTD_RAMP_ITERS="6", TRAIN_LAYER_TOKENS="2500")
-    assert "ltd seq length:" in proc.stdout
+    assert "kept length:" in proc.stdout
     # PRECISION="" means no precision flag (fp32 on CPU), not the recipe's default --bf16: the banner says so
     assert re.search(r"^  bf16 \.+ False$", proc.stdout, re.M), proc.stdout[:3000]
     lt = [r["consumed_layer_tokens"] for r in recs]
     assert lt[-1] >= 2500 > lt[-2]  # stopped after the first iteration reaching the budget
     # MSLG: r_t = min(s, q * floor((r0 + t / T * (s - r0)) / q)), r0 = 8, q = 4, T = 6, s = 32
-    assert [r["ltd_seq_length"] for r in recs] == [min(32, 4 * ((8 * 6 + t * 24) // 24)) for t in range(len(recs))]
+    assert [r["kept_length"] for r in recs] == [min(32, 4 * ((8 * 6 + t * 24) // 24)) for t in range(len(recs))]
     assert (tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == str(len(recs))
 
 
@@ -49,5 +49,5 @@ def test_baseline_recipe_reads_its_token_budget(tmp_path):
     proc, recs = run_recipe("pretrain_gpt_1.3b_baseline.sh", tmp_path, TRAIN_TOKENS="1024")
     assert re.search(r"^  bf16 \.+ False$", proc.stdout, re.M)
     assert len(recs) == 8  # 1024 tokens / (4 samples x 32 tokens)
-    assert all(r["ltd_seq_length"] == 32 for r in recs)
+    assert all(r["kept_length"] == 32 for r in recs)
     assert recs[-1]["consumed_layer_tokens"] == 8 * 4 * 4 * 32

@@ -27,7 +27,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden.json")
 FIXTURE = os.path.join(HERE, "pre_seams_checkpoint")
-KEYS = ("lm_loss", "grad_norm", "lr", "ltd_seq_length", "consumed_layer_tokens")
+KEYS = ("lm_loss", "grad_norm", "lr", "kept_length", "consumed_layer_tokens")
 
 TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-4",

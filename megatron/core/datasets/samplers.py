@@ -12,7 +12,7 @@ whatever the DP size. Resuming from `consumed_samples` (always a multiple of gbs
 continues the exact sequence.
 """
 
-from typing import Iterator, List, Tuple
+from typing import Iterator, List
 
 import numpy as np
 
@@ -30,7 +30,8 @@ class PretrainingSampler:
     """Yields this DP rank's micro-batches of dataset indices, from `consumed_samples` on.
 
     Like Megatron's MegatronPretrainingSampler with drop_last: a trailing chunk smaller than
-    `mbs * dp` is not served. `with_global_positions(global_batch_size)` yields (indices, positions).
+    `mbs * dp` is not served. Random-LTD's plan (`random_ltd.plan`) derives each served sample's position in
+    its global batch from `global_sample_offsets`.
     """
 
     def __init__(
@@ -56,33 +57,10 @@ class PretrainingSampler:
     def __len__(self) -> int:
         return self.total_samples
 
-    def _chunks(self) -> Iterator[Tuple[int, List[int]]]:
-        """(first consumed index of the chunk, this rank's indices in it) for each full chunk."""
+    def __iter__(self) -> Iterator[List[int]]:
+        """This rank's indices in each full chunk."""
         mbs, dp = self.micro_batch_size, self.data_parallel_size
         chunk = mbs * dp
         lo = self.data_parallel_rank * mbs
         for start in range(self.consumed_samples, self.total_samples - chunk + 1, chunk):
-            yield start, list(range(start + lo, start + lo + mbs))
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for _, indices in self._chunks():
-            yield indices
-
-    def with_global_positions(self, global_batch_size: int) -> Iterator[Tuple[List[int], np.ndarray]]:
-        """Like iterating, but each micro-batch comes with its samples' positions in their global batch.
-
-        Assumes training started at a global-batch boundary at consumed_samples = 0 or resumed at one
-        (true for checkpoints), and a constant global batch size.
-        """
-        chunk = self.micro_batch_size * self.data_parallel_size
-        assert global_batch_size % chunk == 0, (
-            f"global batch {global_batch_size} is not a multiple of micro batch x DP = {chunk}"
-        )
-        assert self.consumed_samples % global_batch_size == 0, (
-            f"consumed_samples {self.consumed_samples} is not at a global-batch boundary"
-        )
-        for start, indices in self._chunks():
-            m = (start % global_batch_size) // chunk
-            yield indices, global_sample_offsets(
-                m, self.micro_batch_size, self.data_parallel_rank, self.data_parallel_size
-            )
+            yield list(range(start + lo, start + lo + mbs))

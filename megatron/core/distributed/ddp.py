@@ -151,11 +151,6 @@ class DataParallelGradSync:
             bucket.finish()
         self._next_to_launch = 0
 
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-
 
 def allreduce_grads_in_group(params: Iterable[nn.Parameter], group) -> None:
     """Sum the grads of `params` over `group` in place (tied word embeddings over the embedding group).

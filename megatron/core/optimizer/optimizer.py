@@ -23,7 +23,7 @@ from megatron.core.optimizer.clip_grads import any_rank_found_inf, clip_grad_nor
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     lr: float
     weight_decay: float = 0.01

@@ -14,6 +14,8 @@ from megatron.core.pipeline_parallel.p2p import (
     send_forward_recv_backward,
 )
 from megatron.core.pipeline_parallel.schedules import (
+    ForwardStep,
+    LossFn,
     forward_backward_no_pipelining,
     forward_backward_pipelining_1f1b,
     get_forward_backward_func,
@@ -22,5 +24,5 @@ from megatron.core.pipeline_parallel.schedules import (
 __all__ = [
     "recv_forward", "send_forward", "recv_backward", "send_backward",
     "send_forward_recv_backward", "send_backward_recv_forward",
-    "forward_backward_no_pipelining", "forward_backward_pipelining_1f1b", "get_forward_backward_func",
+    "ForwardStep", "LossFn", "forward_backward_no_pipelining", "forward_backward_pipelining_1f1b", "get_forward_backward_func",
 ]

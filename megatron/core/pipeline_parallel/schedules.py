@@ -5,10 +5,10 @@ Both schedules share one signature, so the trainer asks `get_forward_backward_fu
     metrics = fn(forward_step, data_iterator, model, num_microbatches, tensor_shape, dtype,
                  forward_only=False, loss_scale=1.0, grad_sync=None)
 
-- `forward_step(data_iterator, model) -> (output_tensor, loss_fn)`: runs this stage's part of the model
-  on the next micro-batch. On non-first stages the schedule has already called
-  `model.set_input_tensor(x)` with the activation received from the previous stage.
-- `loss_fn(output_tensor) -> (loss, metrics)` is called on the last stage only. The schedule backprops
+- `forward_step` (`ForwardStep` below) runs this stage's part of the model on the next micro-batch. On
+  non-first stages the schedule has already called `model.set_input_tensor(x)` with the activation
+  received from the previous stage.
+- its `loss_fn` (`LossFn`) is called on the last stage only. The schedule backprops
   `loss * loss_scale / num_microbatches`, so gradients are the mean over micro-batches (times the scale).
 - `tensor_shape`/`dtype` describe the activation passed between stages (`[b, s, h]`); outputs must match.
 - `grad_sync` (see `megatron.core.distributed.ddp`): every backward except the last runs inside
@@ -29,7 +29,7 @@ M as in "all forwards, then all backwards".
 
 from collections import deque
 from contextlib import nullcontext
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,10 +38,27 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import p2p
 
 
+Metric = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # a mean, or (numerator, denominator)
+
+
+class LossFn(Protocol):
+    def __call__(self, output: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Metric]]:
+        """Last stage: the stage's output -> (the loss to backprop, {metric name: value}). A tensor metric is
+        averaged over micro-batches and data-parallel ranks; a (numerator, denominator) pair is a ratio of
+        totals (training/metrics.py)."""
+
+
+class ForwardStep(Protocol):
+    def __call__(self, data_iterator: Iterator[dict], model: nn.Module) -> Tuple[torch.Tensor, LossFn]:
+        """Take the next micro-batch (a dict of tensors on the device; its "ltd" entry is the random-LTD
+        state to pass to the model, None in evaluation) and run this stage on it. Returns the stage's output
+        (the activation for the next stage, or what `loss_fn` reads on the last stage) and the `loss_fn`."""
+
+
 class _Step:
     """What both schedules need per micro-batch: run the forward, run the backward, count backwards."""
 
-    def __init__(self, forward_step: Callable, data_iterator: Iterator, model: nn.Module, num_microbatches: int,
+    def __init__(self, forward_step: ForwardStep, data_iterator: Iterator, model: nn.Module, num_microbatches: int,
                  tensor_shape: Sequence[int], dtype: torch.dtype, forward_only: bool, loss_scale: float,
                  grad_sync):
         assert num_microbatches >= 1, "need at least one micro-batch"
@@ -90,7 +107,7 @@ class _Step:
         return self.metrics if self.last else []
 
 
-def forward_backward_no_pipelining(forward_step: Callable, data_iterator: Iterator, model: nn.Module,
+def forward_backward_no_pipelining(forward_step: ForwardStep, data_iterator: Iterator, model: nn.Module,
                                    num_microbatches: int, tensor_shape: Sequence[int], dtype: torch.dtype,
                                    forward_only: bool = False, loss_scale: float = 1.0,
                                    grad_sync=None) -> List[dict]:
@@ -106,7 +123,7 @@ def forward_backward_no_pipelining(forward_step: Callable, data_iterator: Iterat
     return step.finish()
 
 
-def forward_backward_pipelining_1f1b(forward_step: Callable, data_iterator: Iterator, model: nn.Module,
+def forward_backward_pipelining_1f1b(forward_step: ForwardStep, data_iterator: Iterator, model: nn.Module,
                                      num_microbatches: int, tensor_shape: Sequence[int], dtype: torch.dtype,
                                      forward_only: bool = False, loss_scale: float = 1.0,
                                      grad_sync=None) -> List[dict]:

@@ -8,14 +8,14 @@ unchanged. r_t grows from r_0 to s (MSLG). Activations are batch-first `[b, s, h
 - schedule.py    MSLG: r_t for iteration t, exact integer arithmetic
 - sampler.py     kept indices as a pure function of (seed, iteration, sample, layer): layout-invariant
 - routing.py     gather -> run layer -> scatter; what the transformer block calls
-- accounting.py  layer-tokens per iteration, running counter, theoretical saving, training-length plans
+- plan.py        per micro-batch: the draw's key (global sample ids) and r_t, built for the trainer
+- accounting.py  layer-tokens per iteration and over a run, theoretical saving, training-length plans
 
 Glossary: b micro batch, G global batch, s sequence, r kept tokens, h hidden, L layers, n LTD layers,
 q seq step, T_r ramp iterations, t 0-based iteration (completed optimizer steps).
 """
 
 from megatron.core.random_ltd.accounting import (
-    LayerTokenCounter,
     LayerTokenCurve,
     TrainingPlan,
     layer_tokens_per_iteration,
@@ -28,15 +28,16 @@ from megatron.core.random_ltd.config import (
     parse_layer_spec,
     ramp_iters_from_fraction,
 )
+from megatron.core.random_ltd.plan import RandomLTDPlan
 from megatron.core.random_ltd.routing import RandomLTDState, forward_layer, run_layer_on_kept
 from megatron.core.random_ltd.sampler import kept_indices, kept_indices_for_layers
 from megatron.core.random_ltd.schedule import MSLGSchedule
 
 __all__ = [
-    "LayerTokenCounter",
     "LayerTokenCurve",
     "MSLGSchedule",
     "RandomLTDConfig",
+    "RandomLTDPlan",
     "RandomLTDState",
     "TrainingPlan",
     "default_ltd_layers",

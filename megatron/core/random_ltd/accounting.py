@@ -1,4 +1,4 @@
-"""Layer-tokens: the compute unit random-LTD saves, its running count, and training-length plans.
+"""Layer-tokens: the compute unit random-LTD saves, counted over a run, and training-length plans.
 
 One layer-token is one token processed by one transformer layer. Iteration t consumes
 
@@ -21,11 +21,11 @@ from megatron.core.random_ltd.schedule import MSLGSchedule
 
 
 def layer_tokens_per_iteration(
-    global_batch_size: int, num_layers: int, num_ltd_layers: int, seq_length: int, keep: int
+    global_batch_size: int, num_layers: int, num_ltd_layers: int, seq_length: int, kept_length: int
 ) -> int:
     """LT_t = G * ((L - n) * s + n * r); r >= s (or n = 0) gives the dense G * L * s."""
-    keep = min(keep, seq_length)
-    return global_batch_size * ((num_layers - num_ltd_layers) * seq_length + num_ltd_layers * keep)
+    kept_length = min(kept_length, seq_length)
+    return global_batch_size * ((num_layers - num_ltd_layers) * seq_length + num_ltd_layers * kept_length)
 
 
 def theoretical_saving(consumed_layer_tokens: int, num_layers: int, seq_length: int, consumed_samples: int):
@@ -33,34 +33,6 @@ def theoretical_saving(consumed_layer_tokens: int, num_layers: int, seq_length: 
     if consumed_samples == 0:
         return 0.0
     return 1.0 - consumed_layer_tokens / (num_layers * seq_length * consumed_samples)
-
-
-class LayerTokenCounter:
-    """Running layer-token and sample counts, checkpointed with the model so the saving survives resume."""
-
-    def __init__(self, num_layers: int, num_ltd_layers: int, seq_length: int):
-        self.num_layers = num_layers
-        self.num_ltd_layers = num_ltd_layers
-        self.seq_length = seq_length
-        self.consumed_layer_tokens = 0
-        self.consumed_samples = 0
-
-    def update(self, global_batch_size: int, keep: int) -> int:
-        """Count one iteration of G samples at kept length r; returns its layer-tokens."""
-        lt = layer_tokens_per_iteration(global_batch_size, self.num_layers, self.num_ltd_layers, self.seq_length, keep)
-        self.consumed_layer_tokens += lt
-        self.consumed_samples += global_batch_size
-        return lt
-
-    def saving(self) -> float:
-        return theoretical_saving(self.consumed_layer_tokens, self.num_layers, self.seq_length, self.consumed_samples)
-
-    def state_dict(self) -> dict:
-        return {"consumed_layer_tokens": self.consumed_layer_tokens, "consumed_samples": self.consumed_samples}
-
-    def load_state_dict(self, state: dict):
-        self.consumed_layer_tokens = int(state["consumed_layer_tokens"])
-        self.consumed_samples = int(state["consumed_samples"])
 
 
 @dataclass(frozen=True)
@@ -77,18 +49,18 @@ class LayerTokenCurve:
         if self.schedule is not None:
             assert self.schedule.seq_length == self.seq_length, "schedule and curve disagree on s"
 
-    def keep_at(self, iteration: int) -> int:
-        return self.seq_length if self.schedule is None else self.schedule.seq_length_at(iteration)
+    def kept_length(self, iteration: int) -> int:
+        return self.seq_length if self.schedule is None else self.schedule.kept_length(iteration)
 
     def at(self, iteration: int) -> int:
         """LT_t of 0-based iteration t."""
         L, n, s, G = self.num_layers, self.num_ltd_layers, self.seq_length, self.global_batch_size
-        return layer_tokens_per_iteration(G, L, n, s, self.keep_at(iteration))
+        return layer_tokens_per_iteration(G, L, n, s, self.kept_length(iteration))
 
     def cumulative(self, iterations: int) -> int:
         """Layer-tokens consumed by iterations [0, iterations)."""
         L, n, s, G = self.num_layers, self.num_ltd_layers, self.seq_length, self.global_batch_size
-        kept = s * iterations if self.schedule is None else self.schedule.sum_seq_lengths(iterations)
+        kept = s * iterations if self.schedule is None else self.schedule.sum_kept_lengths(iterations)
         return G * ((L - n) * s * iterations + n * kept)
 
     def iterations_to_reach(self, layer_tokens: int) -> int:

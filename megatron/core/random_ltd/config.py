@@ -90,7 +90,7 @@ def ramp_iters_from_fraction(fraction: Union[float, str, Fraction], train_iters:
     return max(1, math.ceil(f * train_iters))
 
 
-@dataclass
+@dataclass(frozen=True)
 class RandomLTDConfig:
     """Random-LTD flags, as plain data.
 
@@ -114,7 +114,7 @@ class RandomLTDConfig:
 
     def __post_init__(self):
         if self.layers is not None:
-            self.layers = tuple(sorted(set(int(layer) for layer in self.layers)))
+            object.__setattr__(self, "layers", tuple(sorted(set(int(layer) for layer in self.layers))))
 
     def ltd_layers(self, num_layers: int) -> Tuple[int, ...]:
         """The LTD set for a model of `num_layers` layers (empty when disabled)."""

@@ -34,7 +34,7 @@ class RandomLTDState:
     """What the block needs to drop tokens in one forward pass; the trainer builds one per micro-batch.
 
     Pass None instead in eval and when LTD is off: the block then runs every layer on all tokens.
-    `keep` is r_t from the MSLG schedule for this iteration; `sample_ids` [b] each sample's index within
+    `kept_length` is r_t from the MSLG schedule for this iteration; `sample_ids` [b] each sample's index within
     the global batch, on the activations' device (they make the draw independent of the parallel layout
     and the micro-batch split); `layers` the global 0-based layer numbers of the LTD set (the whole set,
     or just this pipeline stage's share: the indices of a layer do not depend on the others).
@@ -47,17 +47,17 @@ class RandomLTDState:
     seed: int
     iteration: int  # completed optimizer steps, 0-based
     sample_ids: torch.Tensor  # [b] int64
-    keep: int  # r_t
+    kept_length: int  # r_t
     layers: FrozenSet[int]  # global layer numbers, 0-based
     _drawn: Dict[int, Dict[int, torch.Tensor]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def indices_for(self, layer_number: int, seq_length: int) -> Optional[torch.Tensor]:
         """Sorted kept positions [b, r] for this global layer, or None when it runs on all s tokens."""
-        if layer_number not in self.layers or self.keep >= seq_length:
+        if layer_number not in self.layers or self.kept_length >= seq_length:
             return None
         if seq_length not in self._drawn:
             order = sorted(self.layers)
-            idx = kept_indices_for_layers(self.seed, self.iteration, self.sample_ids, order, seq_length, self.keep)
+            idx = kept_indices_for_layers(self.seed, self.iteration, self.sample_ids, order, seq_length, self.kept_length)
             self._drawn[seq_length] = dict(zip(order, idx.unbind(0)))  # layer -> [b, r]
         return self._drawn[seq_length][layer_number]
 

@@ -75,25 +75,25 @@ def position_keys(seed: int, iteration: int, sample_ids: torch.Tensor, layers: S
 
 
 def kept_indices_for_layers(
-    seed: int, iteration: int, sample_ids: torch.Tensor, layers: Sequence[int], seq_length: int, keep: int
+    seed: int, iteration: int, sample_ids: torch.Tensor, layers: Sequence[int], seq_length: int, kept_length: int
 ) -> torch.Tensor:
-    """`kept_indices` for several layers in one batch of kernels: [n, b, keep], row i for layers[i].
+    """`kept_indices` for several layers in one batch of kernels: [n, b, r], row i for layers[i].
 
     On a GPU the draw is launch-bound (~90 small kernels), so one call for all LTD layers of a
     micro-batch costs about what one layer does.
     """
-    assert 1 <= keep <= seq_length, f"keep must be in 1..{seq_length}, got {keep}"
+    assert 1 <= kept_length <= seq_length, f"kept_length must be in 1..{seq_length}, got {kept_length}"
     keys = position_keys(seed, iteration, sample_ids, layers, seq_length)  # [n, b, s]
-    chosen = keys.topk(keep, dim=-1, largest=False, sorted=False).indices  # [n, b, r], a set: keys are distinct
+    chosen = keys.topk(kept_length, dim=-1, largest=False, sorted=False).indices  # [n, b, r], a set: keys are distinct
     return chosen.sort(dim=-1).values  # [n, b, r]
 
 
 def kept_indices(
-    seed: int, iteration: int, sample_ids: torch.Tensor, layer: int, seq_length: int, keep: int
+    seed: int, iteration: int, sample_ids: torch.Tensor, layer: int, seq_length: int, kept_length: int
 ) -> torch.Tensor:
-    """Sorted positions that `layer` keeps for each sample: [b, keep] int64 on sample_ids' device.
+    """Sorted positions that `layer` keeps for each sample: [b, r] int64 on sample_ids' device.
 
     seed, iteration (0-based optimizer step) and layer (global, 0-based) are non-negative ints; seed and
     iteration may use up to 64 bits. sample_ids [b] are each sample's index in the global batch.
     """
-    return kept_indices_for_layers(seed, iteration, sample_ids, [layer], seq_length, keep)[0]  # [b, r]
+    return kept_indices_for_layers(seed, iteration, sample_ids, [layer], seq_length, kept_length)[0]  # [b, r]

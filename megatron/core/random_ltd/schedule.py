@@ -41,7 +41,7 @@ class MSLGSchedule:
             raise UserError("an MSLG schedule needs --random-ltd; without it every layer sees all tokens")
         return cls(seq_length, config.start_seq_length, config.seq_step, config.ramp_iters)
 
-    def seq_length_at(self, iteration: int) -> int:
+    def kept_length(self, iteration: int) -> int:
         """r_t: tokens each LTD layer keeps per sample at 0-based iteration t."""
         assert iteration >= 0, f"iteration must be >= 0, got {iteration}"
         s, r0, q, T = self.seq_length, self.start_seq_length, self.seq_step, self.ramp_iters
@@ -67,7 +67,7 @@ class MSLGSchedule:
         """(start, stop, r) for the runs of constant r covering iterations [0, iterations), stop exclusive."""
         t = 0
         while t < iterations:
-            r = self.seq_length_at(t)
+            r = self.kept_length(t)
             if r >= self.seq_length:
                 stop = iterations
             else:  # r = k*q; the run ends where the next multiple of q is reached
@@ -76,6 +76,6 @@ class MSLGSchedule:
             yield t, stop, r
             t = stop
 
-    def sum_seq_lengths(self, iterations: int) -> int:
+    def sum_kept_lengths(self, iterations: int) -> int:
         """Sum of r_t over t in [0, iterations), exactly."""
         return sum((stop - start) * r for start, stop, r in self.runs(iterations))

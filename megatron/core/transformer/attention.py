@@ -10,7 +10,6 @@ heads is a contiguous slice of rows: each TP rank holds `nh/tp` whole heads (col
 attention, row-parallel output projection with one all-reduce).
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -70,7 +69,3 @@ class SelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, n, nh * hd)  # [b, n, h/tp]
         return self.linear_proj(out)  # [b, n, h]
 
-
-def scaled_init_std(config: TransformerConfig) -> float:
-    """Output projections get std / sqrt(2L) (GPT-2 / Megatron), so the residual stream does not grow with depth."""
-    return config.init_method_std / math.sqrt(2.0 * config.num_layers)

@@ -13,7 +13,7 @@ POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransformerConfig:
     num_layers: int
     hidden_size: int
@@ -36,12 +36,11 @@ class TransformerConfig:
 
     def __post_init__(self):
         if self.max_position_embeddings is None:
-            self.max_position_embeddings = self.seq_length
+            object.__setattr__(self, "max_position_embeddings", self.seq_length)
         if self.ffn_hidden_size is None:
             # Megatron: 4h, or for SwiGLU 2/3 of that (same parameter count) rounded down to 64.
-            self.ffn_hidden_size = (
-                int(4 * self.hidden_size * 2 / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size
-            )
+            object.__setattr__(self, "ffn_hidden_size",
+                               int(4 * self.hidden_size * 2 / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
                      "ffn_hidden_size"):
             if getattr(self, name) < 1:

@@ -100,7 +100,7 @@ def test_mlm_correct_is_top1():
 
 
 def ltd_state(b, keep, layers=frozenset({1, 2}), iteration=3):
-    return RandomLTDState(seed=11, iteration=iteration, sample_ids=torch.arange(b), keep=keep, layers=layers)
+    return RandomLTDState(seed=11, iteration=iteration, sample_ids=torch.arange(b), kept_length=keep, layers=layers)
 
 
 def reference_encode(model, tokens, types, pad, ltd):

@@ -82,7 +82,7 @@ def test_random_ltd_only_in_training_and_only_below_full_length():
     ids = torch.arange(2)
 
     def state(keep):
-        return RandomLTDState(seed=1, iteration=0, sample_ids=ids, keep=keep, layers=frozenset({1, 2}))
+        return RandomLTDState(seed=1, iteration=0, sample_ids=ids, kept_length=keep, layers=frozenset({1, 2}))
 
     model.train()  # dropout is 0, so train mode differs from eval only through token dropping
     dense = model(tokens)

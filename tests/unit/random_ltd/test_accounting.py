@@ -3,7 +3,6 @@
 import pytest
 
 from megatron.core.random_ltd import (
-    LayerTokenCounter,
     LayerTokenCurve,
     MSLGSchedule,
     layer_tokens_per_iteration,
@@ -29,17 +28,11 @@ def test_theoretical_saving():
     assert theoretical_saving(lt, 24, 2048, 8) == pytest.approx((22 / 24) * (1 - 1024 / 2048))
 
 
-def test_counter_accumulates_and_round_trips():
-    counter = LayerTokenCounter(num_layers=24, num_ltd_layers=22, seq_length=2048)
-    for t in range(50):
-        counter.update(global_batch_size=4, keep=PAPER.seq_length_at(t * 4000))
-    curve_sum = sum(layer_tokens_per_iteration(4, 24, 22, 2048, PAPER.seq_length_at(t * 4000)) for t in range(50))
-    assert counter.consumed_layer_tokens == curve_sum and counter.consumed_samples == 200
-    mean_r = sum(PAPER.seq_length_at(t * 4000) for t in range(50)) / 50
-    assert counter.saving() == pytest.approx((22 / 24) * (1 - mean_r / 2048))
-    resumed = LayerTokenCounter(24, 22, 2048)
-    resumed.load_state_dict(counter.state_dict())
-    assert resumed.state_dict() == counter.state_dict() and resumed.saving() == counter.saving()
+def test_saving_of_a_run_is_the_mean_kept_fraction():
+    rs = [PAPER.kept_length(t * 4000) for t in range(50)]
+    consumed = sum(layer_tokens_per_iteration(4, 24, 22, 2048, r) for r in rs)
+    mean_r = sum(rs) / 50
+    assert theoretical_saving(consumed, 24, 2048, 200) == pytest.approx((22 / 24) * (1 - mean_r / 2048))
 
 
 def test_curve_cumulative_and_inverse_match_brute_force():
@@ -77,8 +70,8 @@ def test_plan_each_length_kind():
 def test_paper_gpt3_budget_is_closed_form_and_matches_reference(monkeypatch):
     curve = LayerTokenCurve(24, 2048, 512, 22, PAPER)
     calls = []  # every r_t evaluated: one per run of constant r in closed form, not one per iteration
-    seq_length_at = MSLGSchedule.seq_length_at
-    monkeypatch.setattr(MSLGSchedule, "seq_length_at", lambda self, t: calls.append(t) or seq_length_at(self, t))
+    kept_length = MSLGSchedule.kept_length
+    monkeypatch.setattr(MSLGSchedule, "kept_length", lambda self, t: calls.append(t) or kept_length(self, t))
     plan = plan_training(curve, train_layer_tokens=4800 * 10**9)
     assert len(list(PAPER.runs(plan.iterations))) == (2048 - 128) // 16 + 1  # 121 runs: 128, 144, ..., 2048
     assert len(calls) < 1000, f"{len(calls)} evaluations of r_t for a 277k-iteration plan"

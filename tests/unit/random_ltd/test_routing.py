@@ -116,7 +116,7 @@ def test_gradients_match_dense_masked_reference():
 
 def test_state_decides_which_layers_drop():
     ids = torch.tensor([4, 9])
-    state = RandomLTDState(seed=1, iteration=2, sample_ids=ids, keep=6, layers=frozenset({1, 2}))
+    state = RandomLTDState(seed=1, iteration=2, sample_ids=ids, kept_length=6, layers=frozenset({1, 2}))
     assert state.indices_for(0, 16) is None and state.indices_for(3, 16) is None
     assert torch.equal(state.indices_for(2, 16), kept_indices(1, 2, ids, 2, 16, 6))
     assert torch.equal(state.indices_for(1, 16), kept_indices(1, 2, ids, 1, 16, 6))
@@ -131,11 +131,11 @@ def test_forward_layer_dense_and_dropped_paths():
     hidden, _, pos, _ = make_inputs(b=2)
     dense = layer(hidden, position_ids=pos)
     assert torch.equal(forward_layer(layer, hidden, 1, None, pos), dense), "eval: no state, full sequence"
-    state = RandomLTDState(seed=0, iteration=3, sample_ids=torch.arange(2), keep=10, layers=frozenset({1}))
+    state = RandomLTDState(seed=0, iteration=3, sample_ids=torch.arange(2), kept_length=10, layers=frozenset({1}))
     assert torch.equal(forward_layer(layer, hidden, 0, state, pos), dense), "layer outside the LTD set"
     idx = kept_indices(0, 3, torch.arange(2), 1, 16, 10)
     assert torch.equal(forward_layer(layer, hidden, 1, state, pos), run_layer_on_kept(layer, hidden, idx, pos))
-    full = RandomLTDState(seed=0, iteration=3, sample_ids=torch.arange(2), keep=16, layers=frozenset({1}))
+    full = RandomLTDState(seed=0, iteration=3, sample_ids=torch.arange(2), kept_length=16, layers=frozenset({1}))
     assert torch.equal(forward_layer(layer, hidden, 1, full, pos), dense)
 
 

@@ -10,7 +10,7 @@ from megatron.core.random_ltd.sampler import _mix32, _mul32, position_keys
 
 
 def test_shape_sorted_unique_in_range():
-    idx = kept_indices(seed=1234, iteration=3, sample_ids=torch.arange(8), layer=5, seq_length=64, keep=20)
+    idx = kept_indices(seed=1234, iteration=3, sample_ids=torch.arange(8), layer=5, seq_length=64, kept_length=20)
     assert idx.shape == (8, 20) and idx.dtype == torch.long
     assert bool((idx[:, 1:] > idx[:, :-1]).all()), "strictly ascending means sorted and unique"
     assert int(idx.min()) >= 0 and int(idx.max()) < 64

@@ -19,15 +19,15 @@ PAPER = MSLGSchedule(seq_length=2048, start_seq_length=128, seq_step=16, ramp_it
 
 def test_paper_example_step_boundaries():
     # +16 every 1666.67 steps: the first step lands at t = ceil(16 * 200000 / 1920) = 1667
-    assert PAPER.seq_length_at(0) == 128
-    assert PAPER.seq_length_at(1666) == 128
-    assert PAPER.seq_length_at(1667) == 144
-    assert PAPER.seq_length_at(3333) == 144
-    assert PAPER.seq_length_at(3334) == 160
-    assert PAPER.seq_length_at(100_000) == 1088
-    assert PAPER.seq_length_at(199_999) == 2032
-    assert PAPER.seq_length_at(200_000) == 2048
-    assert PAPER.seq_length_at(10**9) == 2048
+    assert PAPER.kept_length(0) == 128
+    assert PAPER.kept_length(1666) == 128
+    assert PAPER.kept_length(1667) == 144
+    assert PAPER.kept_length(3333) == 144
+    assert PAPER.kept_length(3334) == 160
+    assert PAPER.kept_length(100_000) == 1088
+    assert PAPER.kept_length(199_999) == 2032
+    assert PAPER.kept_length(200_000) == 2048
+    assert PAPER.kept_length(10**9) == 2048
     assert PAPER.full_length_iteration() == 200_001  # 1-based
 
 
@@ -46,7 +46,7 @@ def test_paper_example_step_boundaries():
 def test_matches_exact_rational_formula(s, r0, q, T):
     sched = MSLGSchedule(s, r0, q, T)
     horizon = min(3 * T, 4000)
-    values = [sched.seq_length_at(t) for t in range(horizon)]
+    values = [sched.kept_length(t) for t in range(horizon)]
     expected = [reference_r(t, s, r0, q, T) for t in range(horizon)]
     if r0 == s:  # documented deviation: no ramp means full length, not q*floor(s/q)
         expected = [s] * horizon
@@ -61,14 +61,14 @@ def test_matches_exact_rational_formula(s, r0, q, T):
 
 def test_seq_not_multiple_of_step_reaches_full_after_ramp():
     sched = MSLGSchedule(197, 32, 8, 100)
-    assert sched.seq_length_at(100) == 192  # largest multiple of 8 below 197
-    assert sched.seq_length_at(101) == 192
-    assert sched.seq_length_at(102) == 197
+    assert sched.kept_length(100) == 192  # largest multiple of 8 below 197
+    assert sched.kept_length(101) == 192
+    assert sched.kept_length(102) == 197
     assert sched.full_length_iteration() == 103
 
 
 def test_start_not_multiple_of_step_rounds_down():
-    assert MSLGSchedule(2048, 100, 16, 1000).seq_length_at(0) == 96
+    assert MSLGSchedule(2048, 100, 16, 1000).kept_length(0) == 96
 
 
 def test_runs_cover_iterations_and_sum_exactly():
@@ -78,15 +78,15 @@ def test_runs_cover_iterations_and_sum_exactly():
     assert runs[0][0] == 0 and runs[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
     for start, stop, r in runs:
-        assert sched.seq_length_at(start) == r == sched.seq_length_at(stop - 1)
+        assert sched.kept_length(start) == r == sched.kept_length(stop - 1)
     assert len(runs) == (512 - 128) // 16 + 1
-    assert sched.sum_seq_lengths(n) == sum(sched.seq_length_at(t) for t in range(n))
-    assert sched.sum_seq_lengths(0) == 0
+    assert sched.sum_kept_lengths(n) == sum(sched.kept_length(t) for t in range(n))
+    assert sched.sum_kept_lengths(0) == 0
 
 
 def test_steep_ramp_skips_steps():
     sched = MSLGSchedule(256, 16, 16, 3)  # +80 per iteration: several steps at once
-    assert [sched.seq_length_at(t) for t in range(4)] == [16, 96, 176, 256]
+    assert [sched.kept_length(t) for t in range(4)] == [16, 96, 176, 256]
     assert [r for _, _, r in sched.runs(6)] == [16, 96, 176, 256]
 
 

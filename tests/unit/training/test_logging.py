@@ -3,13 +3,13 @@ wording for the test-set block."""
 
 from megatron.training.logging import format_train_line, format_validation_block
 
-LTD_FIELDS = ("ltd seq length", "consumed layer tokens", "layer-token saving")
+LTD_FIELDS = ("kept length", "consumed layer tokens", "layer-token saving")
 
 
 def metrics(random_ltd: bool) -> dict:
     return {"iteration": 10, "train_iters": 20, "consumed_samples": 80, "elapsed_ms_per_iteration": 12.5,
             "tokens_per_sec": 1000.0, "lr": 1e-3, "global_batch_size": 8, "lm_loss": 4.5,
-            "random_ltd": random_ltd, "ltd_seq_length": 128, "consumed_layer_tokens": 4096,
+            "random_ltd": random_ltd, "kept_length": 128, "consumed_layer_tokens": 4096,
             "layer_token_saving": 0.25, "loss_scale": 1.0, "grad_norm": 0.5, "skipped_iterations": 0,
             "nan_iterations": 0}
 
@@ -26,7 +26,7 @@ def test_dense_line_has_no_ltd_fields():
 
 def test_ltd_line_has_ltd_fields():
     line = format_train_line(metrics(random_ltd=True))
-    assert "ltd seq length:   128 | consumed layer tokens: 4096 | layer-token saving: 25.00% |" in line
+    assert "kept length:   128 | consumed layer tokens: 4096 | layer-token saving: 25.00% |" in line
 
 
 def test_validation_blocks_use_megatron_wording():

@@ -1,0 +1,243 @@
+"""The run's configuration: the flags resolved once into small frozen dataclasses, passed down explicitly.
+
+    flags = parse_args(argv)                                  # arguments.py: parsed, every range checked
+    tokenizer = build_tokenizer(tokenizer_config_from_args(flags))
+    config = resolve_config(flags, tokenizer.vocab_size)      # cross-flag rules, derived values; frozen
+    pretrain(config, model_provider, datasets_provider, forward_step)
+
+Every derived value is computed here and only here: Megatron's default global batch (micro batch x data
+parallel size, from torchrun's WORLD_SIZE), the padded vocabulary, the run length and random-LTD schedule,
+the LR schedule in progress units. The trainer, the checkpoint code and the entry points read the sections;
+nothing reads argparse flags after this point, and nothing mutates a config.
+
+Checkpoints store `RunConfig.as_dict()` (plain dicts, loadable with weights_only) under "config" and,
+for Megatron's tools and older readers, `RunConfig.args`: the flat dict of Megatron's flag names with the
+derived values filled in (`padded_vocab_size`, `global_batch_size`, ...), also what the banner prints.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Tuple
+
+import torch
+
+from megatron.core import parallel_state as ps
+from megatron.core.errors import UserError
+from megatron.core.optimizer.optimizer import OptimizerConfig
+from megatron.core.random_ltd import RandomLTDConfig
+from megatron.core.tokenizer import TokenizerConfig, tokenizer_config_from_args, vocab_size_with_padding
+from megatron.core.transformer.config import TransformerConfig
+from megatron.checkpoint.model_args import transformer_config_from_args
+from megatron.training.lr_schedule import LRScheduleConfig, schedule_lengths
+from megatron.training.run_length import RunLength, resolve_run_length
+
+DEFAULT_SPLIT = "969,30,1"
+LTD_FLAGS = ("random_ltd_start_seq_length", "random_ltd_seq_step", "random_ltd_ramp_iters", "random_ltd_ramp_fraction",
+             "random_ltd_layers")  # only mean something with --random-ltd (parser default None = not given)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: Tuple[str, ...]  # --data-path: a prefix, or a blend `w1 p1 w2 p2 ...`; empty with mock data
+    split: str  # --split train,valid,test weights
+    data_cache_path: Optional[str]
+    mock_data: bool
+    num_workers: int  # DataLoader worker processes per rank
+    reset_position_ids: bool
+    eod_mask_loss: bool
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    data_parallel_size: int  # world size / (tp * pp)
+    distributed_backend: Optional[str]  # None: NCCL with CUDA, else gloo (parallel_state decides)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.data_parallel_size
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    micro_batch_size: int  # b
+    global_batch_size: int  # G = b x data-parallel size x micro-batches per iteration
+    num_micro_batches: int  # per data-parallel rank and iteration
+    seed: int
+    bf16: bool
+    fp16: bool
+    check_for_nan_in_loss_and_grad: bool
+    exit_interval: Optional[int]
+    exit_duration_in_mins: Optional[float]
+    exit_signal_handler: bool
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The autocast dtype of the forward pass; None for fp32."""
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_interval: int
+    log_json: Optional[str]
+    tensorboard_dir: Optional[str]
+    eval_interval: int
+    eval_iters: int
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save: Optional[str]
+    load: Optional[str]
+    save_interval: Optional[int]
+    no_load_optim: bool
+    no_load_rng: bool
+    finetune: bool
+    load_fallback: bool
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: TransformerConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    lr: LRScheduleConfig  # in schedule progress units (samples, or dense-equivalent samples)
+    run: RunLength  # iterations, budget, random-LTD set and MSLG schedule
+    parallel: ParallelConfig
+    training: TrainingConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+    args: Mapping[str, Any]  # Megatron's flag names -> values, derived ones filled in (read-only)
+
+    @property
+    def random_ltd(self) -> RandomLTDConfig:
+        return self.run.ltd
+
+    def as_dict(self) -> dict:
+        """Every section as plain dicts, lists and scalars (what a checkpoint stores under "config")."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "args"}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (frozenset, set)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+def warn_unused_ltd_flags(flags: argparse.Namespace, file=None) -> None:
+    """Rank 0, one line: random-LTD flags given without --random-ltd (else `--random-ltd-ramp-iters 200000`
+    alone would silently train dense)."""
+    given = [name for name in LTD_FLAGS if getattr(flags, name) is not None]
+    if given and not flags.random_ltd and os.environ.get("RANK", "0") == "0":
+        names = ", ".join("--" + name.replace("_", "-") for name in given)
+        print(f"WARNING: {names} ignored: random-LTD is off (add --random-ltd to drop tokens)",
+              file=file or sys.stderr, flush=True)
+
+
+def run_length_from_flags(flags: argparse.Namespace, global_batch_size: int) -> RunLength:
+    """`resolve_run_length` on the length and random-LTD flags (also tools/ltd_budget.py's plan)."""
+    return resolve_run_length(
+        num_layers=flags.num_layers, seq_length=flags.seq_length, global_batch_size=global_batch_size,
+        train_iters=flags.train_iters, train_samples=flags.train_samples, train_tokens=flags.train_tokens,
+        train_layer_tokens=flags.train_layer_tokens, random_ltd=flags.random_ltd,
+        start_seq_length=flags.random_ltd_start_seq_length, seq_step=flags.random_ltd_seq_step,
+        ramp_iters=flags.random_ltd_ramp_iters, ramp_fraction=flags.random_ltd_ramp_fraction,
+        layers=flags.random_ltd_layers, layer_token_lr_schedule=flags.layer_token_lr_schedule)
+
+
+def _check_cross_flags(f: argparse.Namespace) -> None:
+    """Rules between flags (each value's own range is arguments.RANGES')."""
+    if f.global_batch_size is not None and f.global_batch_size % f.micro_batch_size:
+        raise UserError(f"--global-batch-size {f.global_batch_size} is not a multiple of --micro-batch-size "
+                        f"{f.micro_batch_size}; gradient accumulation needs a whole number of micro-batches")
+    if f.bf16 and f.fp16:
+        raise UserError("choose one of --bf16 and --fp16")
+    if f.train_iters is not None and f.train_samples is not None:
+        raise UserError("give only one of --train-iters and --train-samples")
+    if not f.mock_data and not f.data_path:
+        raise UserError("no training data: pass --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
+    if f.save_interval is not None and f.save is None:
+        raise UserError("--save-interval needs --save DIR")
+    if not f.initial_loss_scale >= f.min_loss_scale:
+        raise UserError(f"--initial-loss-scale {f.initial_loss_scale:g} is below --min-loss-scale "
+                        f"{f.min_loss_scale:g}; raise the first or lower the second")
+
+
+def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: Optional[int] = None,
+                   model_type: Optional[str] = None) -> RunConfig:
+    """The frozen RunConfig of these (range-checked) flags; raises UserError for any bad combination.
+
+    `true_vocab_size` is the tokenizer's; `world_size` defaults to torchrun's WORLD_SIZE (pretrain checks
+    the process group agrees); `model_type` "bert" is recorded in the saved args (fine-tuning checks it).
+    """
+    f = flags
+    _check_cross_flags(f)
+    world = ps.world_size_from_env() if world_size is None else world_size
+    tp, pp = f.tensor_model_parallel_size, f.pipeline_model_parallel_size
+    dp = ps.check_parallel_sizes(world, tp, pp)
+    G = f.global_batch_size or f.micro_batch_size * dp  # Megatron's default: one micro batch per DP rank
+    if f.num_layers % pp:
+        raise UserError(f"--num-layers {f.num_layers} is not divisible by --pipeline-model-parallel-size {pp}; "
+                        "pipeline stages must hold equal numbers of layers")
+    if G % (f.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {G} is not a multiple of --micro-batch-size "
+                        f"{f.micro_batch_size} x data-parallel size {dp}")
+    warn_unused_ltd_flags(f)
+    run = run_length_from_flags(f, G)
+
+    padded_vocab = vocab_size_with_padding(true_vocab_size, f.make_vocab_size_divisible_by, tp)
+    ltd = run.ltd  # RandomLTDConfig's defaults fill the flags not given
+    args = {**vars(f), "global_batch_size": G, "max_position_embeddings": f.max_position_embeddings or f.seq_length,
+            "split": f.split or DEFAULT_SPLIT, "padded_vocab_size": padded_vocab, "true_vocab_size": true_vocab_size,
+            **{f"random_ltd_{k}": getattr(ltd, k) if getattr(f, f"random_ltd_{k}") is None else getattr(f, f"random_ltd_{k}")
+               for k in ("start_seq_length", "seq_step")}}
+    if model_type is not None:
+        args["model_type"] = model_type
+    model = transformer_config_from_args(args)  # model_type "bert": the bidirectional encoder
+
+    lr = LRScheduleConfig(f.lr, f.min_lr, f.lr_decay_style, *schedule_lengths(
+        global_batch_size=G, seq_length=f.seq_length, train_samples=run.decay_default_samples,
+        warmup_iters=f.lr_warmup_iters, warmup_samples=f.lr_warmup_samples, warmup_tokens=f.lr_warmup_tokens,
+        warmup_fraction=f.lr_warmup_fraction, decay_iters=f.lr_decay_iters, decay_samples=f.lr_decay_samples,
+        decay_tokens=f.lr_decay_tokens), layer_tokens=f.layer_token_lr_schedule)
+    optimizer = OptimizerConfig(
+        lr=f.lr, weight_decay=f.weight_decay, adam_beta1=f.adam_beta1, adam_beta2=f.adam_beta2, adam_eps=f.adam_eps,
+        clip_grad=f.clip_grad, fp16=f.fp16, loss_scale=f.loss_scale, initial_loss_scale=f.initial_loss_scale,
+        min_loss_scale=f.min_loss_scale, loss_scale_window=f.loss_scale_window, hysteresis=f.hysteresis,
+        check_for_nan=f.check_for_nan_in_loss_and_grad)
+    return RunConfig(
+        model=model,
+        tokenizer=tokenizer_config_from_args(f),
+        data=DataConfig(tuple(f.data_path or ()), args["split"], f.data_cache_path, f.mock_data, f.num_workers,
+                        f.reset_position_ids, f.eod_mask_loss),
+        optimizer=optimizer,
+        lr=lr,
+        run=run,
+        parallel=ParallelConfig(tp, pp, dp, f.distributed_backend),
+        training=TrainingConfig(f.micro_batch_size, G, G // (f.micro_batch_size * dp), f.seed, f.bf16, f.fp16,
+                                f.check_for_nan_in_loss_and_grad, f.exit_interval, f.exit_duration_in_mins,
+                                f.exit_signal_handler),
+        logging=LoggingConfig(f.log_interval, f.log_json, f.tensorboard_dir, f.eval_interval, f.eval_iters),
+        checkpoint=CheckpointConfig(f.save, f.load, f.save_interval, f.no_load_optim, f.no_load_rng, f.finetune,
+                                    f.load_fallback),
+        args=MappingProxyType(args),
+    )
