@@ -87,6 +87,15 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
 
+    g = p.add_argument_group("activation recomputation (docs/training.md)")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
+                   help="full: recompute whole layers (needs --recompute-method); selective: core attention only")
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
+                   help="uniform: chunks of --recompute-num-layers layers keep only their input; "
+                        "block: recompute the first --recompute-num-layers layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="with full granularity (default 1)")
+    g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
+
     g = p.add_argument_group("learning rate")
     g.add_argument("--lr", type=float, required=True)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -161,7 +170,7 @@ RANGES = {
     "num_workers": _GE0, "micro_batch_size": _POS, "global_batch_size": _POS, "train_iters": _POS,
     "train_samples": _POS, "train_tokens": _POS, "train_layer_tokens": _POS, "exit_interval": _POS,
     "exit_duration_in_mins": _POS, "seed": _GE0, "tensor_model_parallel_size": _GE1,
-    "pipeline_model_parallel_size": _GE1,
+    "pipeline_model_parallel_size": _GE1, "recompute_num_layers": _GE1,
     # learning rate
     "lr": _GE0, "min_lr": _GE0, "lr_warmup_iters": _GE0, "lr_warmup_samples": _GE0, "lr_warmup_tokens": _GE0,
     "lr_warmup_fraction": _FRACTION, "lr_decay_iters": _POS, "lr_decay_samples": _POS, "lr_decay_tokens": _POS,

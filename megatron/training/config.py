@@ -182,6 +182,21 @@ def _check_cross_flags(f: argparse.Namespace) -> None:
                         f"{f.min_loss_scale:g}; raise the first or lower the second")
 
 
+def _recompute_fields(f: argparse.Namespace, pp: int) -> dict:
+    """TransformerConfig's recompute fields from the flags; the config checks how they combine."""
+    granularity = f.recompute_granularity
+    if f.recompute_activations:
+        if granularity == "full":
+            raise UserError("--recompute-activations means --recompute-granularity selective; give only one")
+        granularity = "selective"
+    per_stage = f.num_layers // pp
+    if granularity == "full" and f.recompute_num_layers is not None and f.recompute_num_layers > per_stage:
+        raise UserError(f"--recompute-num-layers {f.recompute_num_layers} is more than the {per_stage} layers of a "
+                        f"pipeline stage (--num-layers {f.num_layers} / --pipeline-model-parallel-size {pp})")
+    return dict(recompute_granularity=granularity, recompute_method=f.recompute_method,
+                recompute_num_layers=f.recompute_num_layers)
+
+
 def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: Optional[int] = None,
                    model_type: Optional[str] = None) -> RunConfig:
     """The frozen RunConfig of these (range-checked) flags; raises UserError for any bad combination.
@@ -201,6 +216,7 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
     if G % (f.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {G} is not a multiple of --micro-batch-size "
                         f"{f.micro_batch_size} x data-parallel size {dp}")
+    recompute = _recompute_fields(f, pp)
     warn_unused_ltd_flags(f)
     run = run_length_from_flags(f, G)
 
@@ -212,7 +228,8 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
                for k in ("start_seq_length", "seq_step")}}
     if model_type is not None:
         args["model_type"] = model_type
-    model = transformer_config_from_args(args)  # model_type "bert": the bidirectional encoder
+    # model_type "bert": the bidirectional encoder; recomputation is this run's, not the checkpoint's model
+    model = transformer_config_from_args(args, **recompute)
 
     lr = LRScheduleConfig(f.lr, f.min_lr, f.lr_decay_style, *schedule_lengths(
         global_batch_size=G, seq_length=f.seq_length, train_samples=run.decay_default_samples,

@@ -6,7 +6,7 @@ Layout: activations are batch-first `[b, s, h]`; tensor parallelism splits the l
     layers.py         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     sharding.py       full parameter <-> shards (stride-aware), the divisibility check, parameter tags
     cross_entropy.py  loss over vocab-split logits without gathering them
-    random.py         RNG tracker: per-rank streams for partitioned activations
+    random.py         RNG tracker: per-rank streams for partitioned activations; activation checkpoint
 """
 
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_top1_correct
@@ -18,7 +18,8 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region, scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.random import (
-    MODEL_PARALLEL_RNG, RNGStatesTracker, get_cuda_rng_tracker, get_rng_tracker, model_parallel_manual_seed,
+    MODEL_PARALLEL_RNG, CheckpointFunction, RNGStatesTracker, checkpoint, get_cuda_rng_tracker, get_rng_tracker,
+    model_parallel_manual_seed,
 )
 from megatron.core.tensor_parallel.sharding import (
     divide, full_shape, merge_shards, set_tensor_model_parallel_attributes, shard_tensor,
@@ -30,6 +31,6 @@ __all__ = [
     "scatter_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region",
     "vocab_parallel_cross_entropy", "vocab_parallel_top1_correct",
     "RNGStatesTracker", "get_rng_tracker", "get_cuda_rng_tracker", "model_parallel_manual_seed",
-    "MODEL_PARALLEL_RNG",
+    "MODEL_PARALLEL_RNG", "CheckpointFunction", "checkpoint",
     "shard_tensor", "merge_shards", "full_shape", "divide", "set_tensor_model_parallel_attributes",
 ]

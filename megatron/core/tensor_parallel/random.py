@@ -14,6 +14,9 @@ Seeds, from `model_parallel_manual_seed(seed)`:
 Device-agnostic: the tracker swaps the CPU default generator when `parallel_state.get_device()` is the
 CPU, else the CUDA generator of that device. Its states go into checkpoints (`get_states`/`set_states`)
 so a resumed run draws the same masks.
+
+`checkpoint(function, *tensors, others=...)` is activation recomputation (Megatron's `CheckpointFunction`):
+it snapshots the default generators and the tracker's streams so the rerun in backward draws the same masks.
 """
 
 import contextlib
@@ -117,3 +120,66 @@ def model_parallel_manual_seed(seed: int, data_parallel_random_init: bool = Fals
     torch.manual_seed(seed)  # CPU and every CUDA device
     _TRACKER.reset()
     _TRACKER.add(MODEL_PARALLEL_RNG, seed + 2718 + parallel_state.get_tensor_model_parallel_rank())
+
+
+# ---- activation recomputation ------------------------------------------------------------------------
+# A recomputed layer must draw the dropout masks its first forward drew: hidden dropout from the default
+# generator (CPU, and the accelerator's when the activations live there), attention dropout from the
+# tracker's streams. So the forward snapshots all of them, the backward puts the snapshot back for the
+# rerun and then restores whatever was current, leaving every stream where the no-recompute run leaves it.
+
+def _get_all_rng_states(device: torch.device):
+    accel = None if device.type == "cpu" else _get_state(device)
+    return torch.get_rng_state(), accel, _TRACKER.get_states()
+
+
+def _set_all_rng_states(states, device: torch.device) -> None:
+    cpu, accel, tracker = states
+    torch.set_rng_state(cpu)
+    if accel is not None:
+        _set_state(accel, device)
+    _TRACKER.set_states(tracker)
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """Forward runs `function` without keeping its activations (only its tensor inputs are saved) and
+    snapshots the RNG; backward restores that RNG, reruns `function` with grad, backprops through the
+    rerun, and puts back the RNG states that were current before. Megatron's `CheckpointFunction`."""
+
+    @staticmethod
+    def forward(ctx, function, num_tensors, *args):
+        tensors, others = args[:num_tensors], args[num_tensors:]
+        device = next((t.device for t in tensors if t.is_floating_point()), torch.device("cpu"))
+        ctx.function, ctx.others, ctx.device = function, others, device
+        ctx.rng_states = _get_all_rng_states(device)
+        # autocast (the trainer's bf16/fp16) is off inside a backward: re-enter it for the rerun
+        ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return function(*tensors, *others)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        before = _get_all_rng_states(ctx.device)
+        _set_all_rng_states(ctx.rng_states, ctx.device)
+        try:
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                outputs = ctx.function(*inputs, *ctx.others)
+        finally:
+            _set_all_rng_states(before, ctx.device)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, *(t.grad if t.requires_grad else None for t in inputs), *(None for _ in ctx.others))
+
+
+def checkpoint(function, *tensors, others=()):
+    """`function(*tensors, *others)` with its activations recomputed in backward (bit-identical, RNG
+    included). `tensors` are saved for backward and get gradients; `others` (masks as non-differentiable
+    tensors, a RandomLTDState, flags) are passed through as they are.
+
+    Reentrant like Megatron's: parameter gradients flow only if some tensor input requires grad, so callers
+    use it only then."""
+    return CheckpointFunction.apply(function, len(tensors), *tensors, *others)

@@ -5,6 +5,9 @@ their position ids and an optional key padding mask, so nothing here knows about
 tokens are in original order, so causal attention over the subset is the plain lower-triangular mask and
 the fused `is_causal` path applies.
 
+Selective recomputation (`recompute_granularity="selective"`) recomputes only the core attention,
+softmax(QK^T)V with its dropout, in backward; see docs/training.md for why that saves little with SDPA.
+
 QKV weight rows are grouped per head (`[nh, 3, hd]`), as in Megatron, so the tensor-parallel split by
 heads is a contiguous slice of rows: each TP rank holds `nh/tp` whole heads (column-parallel QKV, local
 attention, row-parallel output projection with one all-reduce).
@@ -18,9 +21,16 @@ from torch import nn
 
 from megatron.core import parallel_state
 from megatron.core.errors import UserError
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint, get_rng_tracker
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.rope import apply_rope, rope_cos_sin
+
+
+def core_attention(q, k, v, mask, dropout: float, causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v with dropout on the probabilities; q, k, v `[b, nh, n, hd]`."""
+    # Attention probabilities are split by heads across TP ranks: their dropout must differ per rank.
+    with get_rng_tracker().fork():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
 
 
 class SelfAttention(nn.Module):
@@ -63,9 +73,10 @@ class SelfAttention(nn.Module):
             if causal:
                 mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [b, 1, n, n]
             causal = False
-        # Attention probabilities are split by heads across TP ranks: their dropout must differ per rank.
-        with get_rng_tracker().fork():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        if cfg.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
+            out = checkpoint(core_attention, q, k, v, others=(mask, dropout, causal))  # [b, nh, n, hd]
+        else:
+            out = core_attention(q, k, v, mask, dropout, causal)  # [b, nh, n, hd]
         out = out.transpose(1, 2).reshape(b, n, nh * hd)  # [b, n, h/tp]
         return self.linear_proj(out)  # [b, n, h]
 

@@ -11,6 +11,8 @@ from megatron.core.errors import UserError
 
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,13 @@ class TransformerConfig:
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = False
     causal: bool = True  # GPT decoder; BERT sets False and passes a padding mask
+    # Activation recomputation (training only; docs/training.md). None: keep every activation.
+    # "full": recompute whole layers; "selective": only core attention (softmax(QK^T)V and its dropout).
+    recompute_granularity: Optional[str] = None
+    # with "full": "uniform" = chunks of recompute_num_layers layers, only each chunk's input is kept;
+    # "block" = the first recompute_num_layers layers of each pipeline stage, the rest keep theirs
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None  # with "full"; 1 when not given
 
     def __post_init__(self):
         if self.max_position_embeddings is None:
@@ -61,9 +70,30 @@ class TransformerConfig:
                 f"--seq-length {self.seq_length} is longer than the position table "
                 f"(--max-position-embeddings {self.max_position_embeddings}); raise --max-position-embeddings"
             )
+        self._check_recompute()
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1)")
+
+    def _check_recompute(self):
+        granularity, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity not in (None, *RECOMPUTE_GRANULARITIES):
+            raise UserError(f"--recompute-granularity must be one of {RECOMPUTE_GRANULARITIES}")
+        if method not in (None, *RECOMPUTE_METHODS):
+            raise UserError(f"--recompute-method must be one of {RECOMPUTE_METHODS}")
+        if granularity != "full":
+            if method is not None:
+                raise UserError("--recompute-method needs --recompute-granularity full "
+                                "(selective recomputation recomputes core attention in every layer)")
+            if n is not None:
+                raise UserError("--recompute-num-layers needs --recompute-granularity full and a --recompute-method")
+            return
+        if method is None:
+            raise UserError("--recompute-granularity full needs --recompute-method uniform or block")
+        if n is None:
+            object.__setattr__(self, "recompute_num_layers", 1)  # Megatron's default
+        elif not 1 <= n <= self.num_layers:
+            raise UserError(f"--recompute-num-layers must be in [1, {self.num_layers}] (--num-layers), got {n}")
 
     @property
     def head_dim(self) -> int:
