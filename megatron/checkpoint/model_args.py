@@ -9,7 +9,8 @@
 
 Flag names follow Megatron (the trainer saves `vars(args)`); where the config's field has another name
 or meaning, `RENAMED` says so. A flag the args do not hold (an older checkpoint) takes the dataclass's
-own default: no default is written twice. BERT checkpoints say `model_type: "bert"` (bidirectional
+own default: no default is written twice. `num_query_groups` counts only with `group_query_attention`
+(Megatron saves its default 1 either way). BERT checkpoints say `model_type: "bert"` (bidirectional
 encoder) and `bert_binary_head` (pooler and SOP head; absent means present, as on the command line).
 """
 
@@ -25,7 +26,7 @@ from megatron.core.transformer.config import TransformerConfig
 
 # flags stored under the config's own field name
 SAME_NAME = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings",
-             "ffn_hidden_size", "position_embedding_type", "rotary_base", "normalization", "swiglu",
+             "ffn_hidden_size", "position_embedding_type", "rotary_base", "rotary_percent", "normalization", "swiglu",
              "hidden_dropout", "attention_dropout", "init_method_std", "untie_embeddings_and_output_weights")
 # flag -> config field
 RENAMED = {"padded_vocab_size": "vocab_size", "norm_epsilon": "layernorm_epsilon"}
@@ -40,6 +41,8 @@ def transformer_config_from_args(args: Mapping, **overrides) -> TransformerConfi
     fields.update({field: given[flag] for flag, field in RENAMED.items() if flag in given})
     if "disable_bias_linear" in given:
         fields["add_bias_linear"] = not given["disable_bias_linear"]
+    if given.get("group_query_attention"):
+        fields["num_query_groups"] = given.get("num_query_groups", 1)
     if given.get("model_type") == "bert":
         fields["causal"] = False
     fields.update(overrides)
@@ -54,6 +57,8 @@ def args_from_transformer_config(config: TransformerConfig) -> dict:
     args = {k: getattr(config, k) for k in SAME_NAME}
     args.update({flag: getattr(config, field) for flag, field in RENAMED.items()})
     args["disable_bias_linear"] = not config.add_bias_linear
+    args["group_query_attention"] = config.num_query_groups != config.num_attention_heads
+    args["num_query_groups"] = config.num_query_groups if args["group_query_attention"] else None
     if not config.causal:
         args["model_type"] = "bert"
     return args
@@ -78,10 +83,11 @@ def build_model_from_args(args: Mapping, pre_process: bool = True, post_process:
 # ---- does a checkpoint's model fit this run's? -------------------------------------------------------
 # Flags a checkpoint's model must share with the run that loads it (shape and meaning of the weights);
 # the position flags only where the position embedding uses them (rope has no table, learned no base).
-MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "position_embedding_type",
+MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "group_query_attention", "ffn_hidden_size",
+               "position_embedding_type",
                "normalization", "norm_epsilon", "swiglu", "disable_bias_linear",
                "untie_embeddings_and_output_weights", "padded_vocab_size", "true_vocab_size", "bert_binary_head")
-POSITION_FLAGS = {"learned_absolute": ("max_position_embeddings",), "rope": ("rotary_base",)}
+POSITION_FLAGS = {"learned_absolute": ("max_position_embeddings",), "rope": ("rotary_base", "rotary_percent")}
 
 
 def _flag_text(key: str, saved, here) -> str:
@@ -96,6 +102,8 @@ def check_model_flags(saved: Mapping, here: Mapping, where: str) -> None:
     dicts), in one line (not only the first). Flags either side does not record (older checkpoints) are
     not compared."""
     keys = MODEL_FLAGS + POSITION_FLAGS.get(here.get("position_embedding_type"), ())
+    if here.get("group_query_attention") and saved.get("group_query_attention"):
+        keys += ("num_query_groups",)  # saved (default 1) but unused without grouped-query attention
     differ = [(k, saved[k], here[k]) for k in keys if k in saved and k in here and saved[k] != here[k]]
     if differ:
         text = "; ".join(_flag_text(*d) for d in differ)

@@ -10,8 +10,11 @@ Architectures (ours -> theirs; anything else has no exact equivalent and is refu
 | learned positions + LayerNorm + GELU MLP         | GPT-2 (`gelu`, exact erf) |
 | RoPE (rotate-half) + RMSNorm + SwiGLU MLP        | Llama (`attention_bias`/`mlp_bias` = our linear biases) |
 
-Weight layout. Our QKV rows are grouped per head, `[nh, 3, hd]` x h; GPT-2's `c_attn` is a Conv1D
-(`[in, out]`, i.e. transposed) whose columns are `[3, nh, hd]`; Llama has separate q/k/v `[nh*hd, h]`.
+Weight layout. Our QKV rows are grouped per query group, `[G, nh/G + 2, hd]` x h (`[nh, 3, hd]` without
+grouped-query attention); GPT-2's `c_attn` is a Conv1D (`[in, out]`, i.e. transposed) whose columns are
+`[3, nh, hd]` (GPT-2 has no grouped-query attention: refused); Llama has separate q `[nh*hd, h]` and k/v
+`[G*hd, h]` (`num_key_value_heads` = G; key head g serves query heads g*nh/G .. (g+1)*nh/G - 1, as ours).
+Partial rotary embeddings (`--rotary-percent` < 1) have no Llama equivalent and are refused.
 Our SwiGLU fc1 rows are `[gate; up]`. GPT-2 has biases everywhere: a model trained with
 `--disable-bias-linear` exports zero biases, which is the same function.
 
@@ -48,8 +51,13 @@ def hf_architecture(config: TransformerConfig) -> str:
     """'gpt2' or 'llama' for `config`; a UserError naming the mismatch otherwise."""
     c = config
     if (c.position_embedding_type, c.normalization, c.swiglu) == ("learned_absolute", "LayerNorm", False):
+        if c.num_query_groups != c.num_attention_heads:
+            raise UserError(f"GPT-2 has no grouped-query attention (--num-query-groups {c.num_query_groups}); "
+                            f"export it as Llama (rope + RMSNorm + --swiglu) or train without it")
         return "gpt2"
     if (c.position_embedding_type, c.normalization, c.swiglu) == ("rope", "RMSNorm", True):
+        if c.rotary_percent != 1.0:
+            raise UserError(f"Llama rotates whole heads; --rotary-percent {c.rotary_percent:g} has no equivalent")
         return "llama"
     raise UserError(
         f"no Hugging Face architecture matches --position-embedding-type {c.position_embedding_type}, "
@@ -57,13 +65,20 @@ def hf_architecture(config: TransformerConfig) -> str:
         f"+ LayerNorm + GELU (GPT-2) or rope + RMSNorm + --swiglu (Llama)")
 
 
+def _split_groups(t: torch.Tensor, config: TransformerConfig):
+    """Our per-group fused rows `[G*(nq+2)*hd, ...]` -> q `[nh*hd, ...]`, k and v `[G*hd, ...]`."""
+    G, hd = config.num_query_groups, config.head_dim
+    nq = config.num_attention_heads // G
+    t = t.view(G, nq + 2, hd, *t.shape[1:])  # [G, nq + 2, hd, ...]
+    return (t[:, :nq].reshape(-1, *t.shape[3:]), t[:, nq].reshape(-1, *t.shape[3:]),
+            t[:, nq + 1].reshape(-1, *t.shape[3:]))
+
+
 def _qkv(state: dict, prefix: str, config: TransformerConfig):
-    """Our per-head grouped QKV weight [nh*3*hd, h] and bias as ([3, nh*hd, h], [3, nh*hd] or None)."""
-    nh, hd, h = config.num_attention_heads, config.head_dim, config.hidden_size
-    w = state[prefix + "linear_qkv.weight"].view(nh, 3, hd, h).transpose(0, 1).reshape(3, nh * hd, h)
+    """Our grouped QKV weight and bias as (q, k, v) weights `[nh*hd | G*hd, h]` and biases (or None)."""
+    w = _split_groups(state[prefix + "linear_qkv.weight"], config)
     b = state.get(prefix + "linear_qkv.bias")
-    b = None if b is None else b.view(nh, 3, hd).transpose(0, 1).reshape(3, nh * hd)
-    return w, b
+    return w, None if b is None else _split_groups(b, config)
 
 
 def gpt2_state_dict(state: dict, config: TransformerConfig) -> Dict[str, torch.Tensor]:
@@ -77,8 +92,8 @@ def gpt2_state_dict(state: dict, config: TransformerConfig) -> Dict[str, torch.T
     for i in range(config.num_layers):
         p, q = f"decoder.layers.{i}.", f"transformer.h.{i}."
         w, b = _qkv(state, p + "self_attention.", config)
-        out[q + "attn.c_attn.weight"] = w.reshape(3 * h, h).t()  # [h, 3h]: columns q | k | v
-        out[q + "attn.c_attn.bias"] = zeros(3 * h) if b is None else b.reshape(3 * h)
+        out[q + "attn.c_attn.weight"] = torch.cat(w).t()  # [h, 3h]: columns q | k | v
+        out[q + "attn.c_attn.bias"] = zeros(3 * h) if b is None else torch.cat(b)
         for ours, theirs, n in (("self_attention.linear_proj", "attn.c_proj", h), ("mlp.linear_fc1", "mlp.c_fc", f),
                                 ("mlp.linear_fc2", "mlp.c_proj", h)):
             out[q + theirs + ".weight"] = state[p + ours + ".weight"].t()  # [in, out]
@@ -136,7 +151,7 @@ def hf_config(config: TransformerConfig, args: dict, eod: int, pad: int):
                           initializer_range=c.init_method_std, **common)
     return LlamaConfig(hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
                        num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
-                       num_key_value_heads=c.num_attention_heads, head_dim=c.head_dim, hidden_act="silu",
+                       num_key_value_heads=c.num_query_groups, head_dim=c.head_dim, hidden_act="silu",
                        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.layernorm_epsilon,
                        rope_theta=float(c.rotary_base), attention_bias=c.add_bias_linear, mlp_bias=c.add_bias_linear,
                        attention_dropout=attention_dropout, initializer_range=c.init_method_std, **common)

@@ -38,6 +38,12 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--position-embedding-type", default=MODEL_DEFAULTS["position_embedding_type"], choices=["learned_absolute", "rope", "none"])
     g.add_argument("--rotary-base", type=int, default=MODEL_DEFAULTS["rotary_base"])
+    g.add_argument("--rotary-percent", type=float, default=MODEL_DEFAULTS["rotary_percent"],
+                   help="fraction of each head's dimensions that RoPE rotates")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention: query heads share key/value heads in --num-query-groups groups")
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="with --group-query-attention (default 1: multi-query attention)")
     g.add_argument("--normalization", default=MODEL_DEFAULTS["normalization"], choices=["LayerNorm", "RMSNorm"])
     g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float,
                    default=MODEL_DEFAULTS["layernorm_epsilon"])
@@ -164,6 +170,7 @@ RANGES = {
     # model
     "num_layers": _POS, "hidden_size": _POS, "ffn_hidden_size": _POS, "num_attention_heads": _POS,
     "seq_length": _POS, "max_position_embeddings": _POS, "rotary_base": _POS, "norm_epsilon": _POS,
+    "rotary_percent": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"), "num_query_groups": _POS,
     "hidden_dropout": _PROB, "attention_dropout": _PROB, "init_method_std": _POS,
     "make_vocab_size_divisible_by": _GE1, "vocab_size": _GE1,
     # data and training

@@ -177,6 +177,8 @@ def _check_cross_flags(f: argparse.Namespace) -> None:
         raise UserError("no training data: pass --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
     if f.save_interval is not None and f.save is None:
         raise UserError("--save-interval needs --save DIR")
+    if f.num_query_groups is not None and not f.group_query_attention:
+        raise UserError("--num-query-groups needs --group-query-attention")
     if not f.initial_loss_scale >= f.min_loss_scale:
         raise UserError(f"--initial-loss-scale {f.initial_loss_scale:g} is below --min-loss-scale "
                         f"{f.min_loss_scale:g}; raise the first or lower the second")
@@ -223,7 +225,9 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
     padded_vocab = vocab_size_with_padding(true_vocab_size, f.make_vocab_size_divisible_by, tp)
     ltd = run.ltd  # RandomLTDConfig's defaults fill the flags not given
     args = {**vars(f), "global_batch_size": G, "max_position_embeddings": f.max_position_embeddings or f.seq_length,
-            "split": f.split or DEFAULT_SPLIT, "padded_vocab_size": padded_vocab, "true_vocab_size": true_vocab_size,
+            "split": f.split or DEFAULT_SPLIT,
+            # Megatron's default: one query group (multi-query attention) when not given
+            "num_query_groups": (f.num_query_groups or 1) if f.group_query_attention else None, "padded_vocab_size": padded_vocab, "true_vocab_size": true_vocab_size,
             **{f"random_ltd_{k}": getattr(ltd, k) if getattr(f, f"random_ltd_{k}") is None else getattr(f, f"random_ltd_{k}")
                for k in ("start_seq_length", "seq_step")}}
     if model_type is not None:

@@ -52,3 +52,18 @@ def test_bad_input(tmp_path, case, damage, extra, needle):
     assert not out.exists(), f"{case}: left {os.listdir(out)}"
     data = sorted(os.listdir(tmp_path / "data"))  # no index cache, no token-range cache, no folder
     assert data == ["pattern_text_document.bin", "pattern_text_document.idx"], (case, data)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--group-query-attention", "--num-query-groups", "3"],
+     "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
+    (["--num-query-groups", "2"], "--num-query-groups needs --group-query-attention"),
+    (["--group-query-attention", "--num-query-groups", "0"], "--num-query-groups must be positive"),
+    (["--position-embedding-type", "rope", "--rotary-percent", "1.5"], "--rotary-percent must be in (0, 1]"),
+], ids=["groups-not-dividing-heads", "groups-without-gqa", "zero-groups", "rotary-percent"])
+def test_bad_attention_flags(tmp_path, flags, needle):
+    out = tmp_path / "out"
+    proc = run_subprocess(TINY + ["--train-iters", "2", "--save", str(out)] + flags)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert needle in lines[0] and not out.exists(), lines[0]

@@ -8,9 +8,14 @@ the fused `is_causal` path applies.
 Selective recomputation (`recompute_granularity="selective"`) recomputes only the core attention,
 softmax(QK^T)V with its dropout, in backward; see docs/training.md for why that saves little with SDPA.
 
-QKV weight rows are grouped per head (`[nh, 3, hd]`), as in Megatron, so the tensor-parallel split by
-heads is a contiguous slice of rows: each TP rank holds `nh/tp` whole heads (column-parallel QKV, local
-attention, row-parallel output projection with one all-reduce).
+QKV weight rows are grouped per query group, as in Megatron: `[G, nh/G + 2, hd]` x h, i.e. each group's
+nh/G query heads, then its one key head, then its one value head. Without grouped-query attention G = nh
+and this is `[nh, 3, hd]` (q, k, v per head). The tensor-parallel split is a contiguous slice of rows:
+each TP rank holds `G/tp` whole groups (column-parallel QKV, local attention, row-parallel output
+projection with one all-reduce).
+
+Glossary: `nh` query heads and `ng` query groups (key/value heads) on this TP rank, `nq = nh/ng` query
+heads per group, `hd` head dimension, `n` tokens the layer sees, `b` micro batch, `h` hidden.
 """
 
 from typing import Optional
@@ -41,8 +46,13 @@ class SelfAttention(nn.Module):
         if config.num_attention_heads % tp:
             raise UserError(f"--num-attention-heads {config.num_attention_heads} is not divisible by "
                             f"--tensor-model-parallel-size {tp}")
+        if config.num_query_groups % tp:
+            raise UserError(f"--num-query-groups {config.num_query_groups} is not divisible by "
+                            f"--tensor-model-parallel-size {tp}; each rank holds whole query groups")
         self.local_heads = config.num_attention_heads // tp
-        self.linear_qkv = ColumnParallelLinear(h, 3 * h, bias=config.add_bias_linear)
+        self.local_groups = config.num_query_groups // tp
+        qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * config.head_dim  # 3h for MHA
+        self.linear_qkv = ColumnParallelLinear(h, qkv_size, bias=config.add_bias_linear)
         self.linear_proj = RowParallelLinear(h, h, bias=config.add_bias_linear)
 
     def forward(
@@ -53,13 +63,18 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.config
         b, n, _ = x.shape
-        nh, hd = self.local_heads, cfg.head_dim  # nh: heads on this tensor-parallel rank
-        qkv = self.linear_qkv(x).view(b, n, nh, 3, hd)  # [b, n, nh, 3, hd]
-        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, nh, n, hd]
+        nh, ng, hd = self.local_heads, self.local_groups, cfg.head_dim  # on this tensor-parallel rank
+        nq = nh // ng  # query heads per group
+        qkv = self.linear_qkv(x).view(b, n, ng, nq + 2, hd)  # [b, n, ng, nq + 2, hd]
+        q, k, v = qkv.split([nq, 1, 1], dim=3)  # [b, n, ng, nq, hd], [b, n, ng, 1, hd] x 2
+        q = q.reshape(b, n, nh, hd).transpose(1, 2)  # [b, nh, n, hd]
+        k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)  # each [b, ng, n, hd]
         if cfg.position_embedding_type == "rope":
             assert position_ids is not None, "RoPE needs position ids"
-            cos, sin = rope_cos_sin(position_ids, hd, cfg.rotary_base, q.dtype)  # [b, 1, n, hd]
+            cos, sin = rope_cos_sin(position_ids, cfg.rotary_dim, cfg.rotary_base, q.dtype)  # [b, 1, n, rd]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if nq > 1:  # grouped-query attention: each key/value head serves its group's nq query heads
+            k, v = k.repeat_interleave(nq, dim=1), v.repeat_interleave(nq, dim=1)  # each [b, nh, n, hd]
         dropout = cfg.attention_dropout if self.training else 0.0
         mask, causal = None, cfg.causal
         if padding_mask is not None:

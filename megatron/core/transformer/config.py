@@ -26,6 +26,10 @@ class TransformerConfig:
     ffn_hidden_size: Optional[int] = None  # defaults to 4h, or Megatron's SwiGLU size
     position_embedding_type: str = "learned_absolute"
     rotary_base: int = 10000
+    rotary_percent: float = 1.0  # fraction of each head's dimensions RoPE rotates; the rest pass through
+    # Grouped-query attention: heads share key/value heads in this many groups (nh/G query heads each).
+    # None: one group per head, i.e. plain multi-head attention. 1: multi-query attention.
+    num_query_groups: Optional[int] = None
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-5
     swiglu: bool = False
@@ -50,8 +54,10 @@ class TransformerConfig:
             # Megatron: 4h, or for SwiGLU 2/3 of that (same parameter count) rounded down to 64.
             object.__setattr__(self, "ffn_hidden_size",
                                int(4 * self.hidden_size * 2 / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size)
+        if self.num_query_groups is None:
+            object.__setattr__(self, "num_query_groups", self.num_attention_heads)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
-                     "ffn_hidden_size"):
+                     "ffn_hidden_size", "num_query_groups"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
@@ -63,8 +69,14 @@ class TransformerConfig:
             raise UserError(f"--position-embedding-type must be one of {POSITION_EMBEDDING_TYPES}")
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"--normalization must be one of {NORMALIZATIONS}")
-        if self.position_embedding_type == "rope" and self.head_dim % 2:
-            raise UserError(f"RoPE needs an even head dimension, got {self.head_dim}; change --hidden-size or heads")
+        if self.num_attention_heads % self.num_query_groups:
+            raise UserError(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                            f"--num-query-groups {self.num_query_groups}; each group holds nh/G query heads")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise UserError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent:g}")
+        if self.position_embedding_type == "rope" and (self.rotary_dim % 2 or self.rotary_dim == 0):
+            raise UserError(f"RoPE needs an even, nonzero rotated dimension, got {self.rotary_dim} (head dimension "
+                            f"{self.head_dim} x --rotary-percent {self.rotary_percent:g}); change the sizes")
         if self.seq_length > self.max_position_embeddings:
             raise UserError(
                 f"--seq-length {self.seq_length} is longer than the position table "
@@ -98,3 +110,8 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each head that RoPE rotates (Megatron: int(hd * rotary_percent))."""
+        return int(self.head_dim * self.rotary_percent)

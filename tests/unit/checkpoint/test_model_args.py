@@ -18,7 +18,8 @@ MINIMAL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_le
 LLAMA = {**MINIMAL, "max_position_embeddings": 32, "ffn_hidden_size": 96, "position_embedding_type": "rope",
          "rotary_base": 500000, "normalization": "RMSNorm", "norm_epsilon": 1e-6, "swiglu": True,
          "disable_bias_linear": True, "hidden_dropout": 0.0, "attention_dropout": 0.05, "init_method_std": 0.01,
-         "untie_embeddings_and_output_weights": True}
+         "untie_embeddings_and_output_weights": True, "rotary_percent": 1.0, "group_query_attention": False,
+         "num_query_groups": None}
 
 
 def test_flags_map_to_config_fields_and_back():
@@ -32,7 +33,8 @@ def test_flags_map_to_config_fields_and_back():
 
 def test_absent_flags_take_the_dataclass_defaults():
     config = transformer_config_from_args({**MINIMAL, "ffn_hidden_size": None})  # None: not given
-    derived = {"max_position_embeddings": 16, "ffn_hidden_size": 256}  # from seq_length and hidden_size
+    derived = {"max_position_embeddings": 16, "ffn_hidden_size": 256,  # from seq_length and hidden_size
+               "num_query_groups": 4}  # one group per head: plain multi-head attention
     for f in dataclasses.fields(TransformerConfig):
         if f.default is not dataclasses.MISSING:
             assert getattr(config, f.name) == derived.get(f.name, f.default), f.name

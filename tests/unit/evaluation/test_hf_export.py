@@ -64,3 +64,29 @@ def test_does_not_overwrite_an_unrelated_folder(tmp_path):
     with pytest.raises(UserError, match="not an earlier export"):
         export_to_hf(random_gpt(2, **GPT2), str(tmp_path))
     assert os.listdir(tmp_path) == ["mine.txt"]
+
+
+@pytest.mark.parametrize("groups, bias", [(1, False), (2, False), (2, True)])
+def test_gqa_llama_export_reproduces_logits(tmp_path, groups, bias):
+    """Grouped-query attention: q/k/v split out of Megatron's per-group rows, `num_key_value_heads` = G."""
+    from transformers import LlamaForCausalLM
+
+    gpt = random_gpt(3, **LLAMA, untie_embeddings_and_output_weights=True, add_bias_linear=bias,
+                     num_query_groups=groups)
+    assert export_to_hf(gpt, str(tmp_path / "hf")).architecture == "llama"
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.num_key_value_heads == groups and hf.config.num_attention_heads == 4
+    assert hf.model.layers[0].self_attn.k_proj.weight.shape == (groups * 8, 32)
+    tokens = torch.randint(0, 98, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, gpt.model(tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(GPT2, num_query_groups=2), "GPT-2 has no grouped-query attention"),
+    (dict(LLAMA, rotary_percent=0.5), "--rotary-percent 0.5 has no equivalent"),
+])
+def test_refuses_gqa_for_gpt2_and_partial_rotary(kw, needle):
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=4, vocab_size=8, **kw)
+    with pytest.raises(UserError, match=needle):
+        hf_architecture(config)
