@@ -2,50 +2,65 @@
 
 For each (tp, pp, dp) layout on 64 GPUs, what one GPU sends in one iteration (one optimizer step over a
 global batch of G samples), by component, dense and with random-LTD at r = 128 (the schedule's start)
-and at r = mean r over the whole run. Everything follows from the code paths:
+and at r = mean r over the whole run. Everything follows from the code paths. Under `--bf16` the
+parameters are bf16 (trainer.py: `model.to(dtype)`, Megatron's Float16Module), so every activation and
+activation gradient is bf16; gradients accumulate into fp32 `main_grad` buffers (ddp.py) unless
+`--grad-reduce-in-bf16`. Bytes per element: a = parameter dtype (2 bf16, 4 fp32), g = gradient buffer
+dtype (4 under --bf16, 2 with --grad-reduce-in-bf16), x = residual stream (a, or 4 with
+--fp32-residual-connection).
 
     component   where                                   payload per iteration, one GPU of stage k
-    DP grads    distributed/ddp.py, bucketed all-reduce P_k * 4 bytes (fp32 grads of this rank's shard)
-                over the DP group, once per step
-    TP          row-parallel proj and fc2: reduce_from   per micro-batch and layer on n tokens:
-                (all-reduce forward, bf16 under           2 * b*n*h * 2 bytes forward (bf16 GEMM output)
-                autocast); column-parallel QKV and fc1:   + 2 * b*n*h * 4 bytes backward (fp32, see below)
-                copy_to (all-reduce of the input grad     n = s in dense layers, r in LTD layers
-                in backward, fp32)                        first stage: + b*s*h*4 (vocab-parallel embedding)
-                                                          last stage:  + b*s*h*4 (LM head input grad)
-                                                                       + 3 * b*s*4 (vocab-parallel CE)
+    DP grads    distributed/ddp.py, per bucket, after   P_k * g  (P_k: parameters of this rank's shard)
+                the last backward: all-reduce, or
+                reduce-scatter (--use-distributed-optimizer)
+    DP params   the distributed optimizer's all-gather  P_k * a  (only --use-distributed-optimizer)
+                of the updated parameters, per bucket
+    TP          row-parallel proj and fc2: reduce_from  per micro-batch and layer on n tokens:
+                (all-reduce forward); column-parallel     2 * b*n*h * a forward + 2 * b*n*h * a backward
+                QKV and fc1: copy_to (all-reduce of the   n = s in dense layers, r in LTD layers
+                input grad in backward). Both in the      first stage: + b*s*h*a (vocab-parallel embedding)
+                parameter dtype: the norms hand the       last stage:  + b*s*h*a (LM head input grad)
+                linears that dtype even with an fp32                   + 3 * b*s*4 (vocab-parallel CE on
+                residual                                                fp32 logits: max, target, sum-exp)
     PP p2p      pipeline_parallel/p2p.py, 1F1B          per micro-batch and stage boundary: the [b, s, h]
-                                                        fp32 activation forward, its grad backward
-    tied emb    trainer._sync_tied_embeddings, pp > 1   (V/tp) * h * 4 bytes on the first and last stage
+                                                        activation forward, its grad backward, x bytes
+    tied emb    trainer._sync_tied_embeddings, pp > 1   (V/tp) * h * g on the first and last stage; with
+                                                        the distributed optimizer only this rank's
+                                                        shard: (V/tp) * h / dp * g
 
-Bytes sent per GPU: a ring all-reduce over n ranks sends 2(n-1)/n x the payload (so nothing at n = 1;
-the tied-embedding group has 2 ranks: 1 x); p2p sends what it sends (a middle stage talks to two
-neighbours, the first and last stage to one). Micro-batches per DP rank: M = G / (b * dp).
+Bytes sent per GPU, ring algorithms: an all-reduce over n ranks sends 2(n-1)/n x the payload (so nothing
+at n = 1; the tied-embedding group has 2 ranks: 1 x); a reduce-scatter or an all-gather sends (n-1)/n x
+the full buffer. So per parameter, plain DP sends 2(d-1)/d * g and the distributed optimizer
+(d-1)/d * (g + a): 6(d-1)/d instead of 8(d-1)/d bytes under --bf16, and the same 4(d-1)/d as the
+all-reduce with --grad-reduce-in-bf16. p2p sends what it sends (a middle stage talks to two neighbours,
+the first and last stage to one). Micro-batches per DP rank: M = G / (b * dp).
 
-Why the backward TP all-reduces are fp32: `--bf16` is torch.autocast with fp32 parameters. The residual
-stream and the norms' outputs stay fp32; autocast casts the GEMM input to bf16 inside the linear, and the
-gradient of that cast is fp32 again, so `copy_to`'s backward all-reduces an fp32 [b, n, h]. The forward
-all-reduce sits on the GEMM output, which is bf16. (Megatron with `--bf16` keeps bf16 parameters and
-moves 2 bytes in both directions.) `--precision fp32` counts 4 bytes both ways. `--check` confirms all
-of this on a tiny model by counting the collectives a real 8-rank gloo run issues.
-
-Left out: 0-dim all-reduces (DP loss average, the model-parallel grad-norm and found-inf reductions),
-the per-iteration all-reduce of a few stop flags over all ranks (`signals.any_rank`),
-evaluation, checkpoint barriers. Parameters: learned absolute positions (replicated across TP, first
-stage), LayerNorm with bias, linear biases, ffn = 4h, tied embeddings (the last stage's copy of the word
-embeddings is a parameter there, so it is also in that stage's DP all-reduce). The padded vocabulary
-depends on tp (a multiple of 128 * tp): 50304 at tp 1, 50432 at tp 2, 50688 at tp 4.
+Left out: 0-dim all-reduces (DP loss average, the grad-norm and found-inf reductions), the per-iteration
+all-reduce of a few stop flags over all ranks (`signals.any_rank`), evaluation, checkpoint barriers and
+the distributed optimizer's state gather at a save; and the distributed optimizer's buffer padding
+(parameter starts aligned to 64 elements, bucket ends to lcm(dp, 128)), which is zero at the 1.3B shape,
+where every parameter's size is a multiple of 128 (the --check runs pad 64-256 elements).
+Parameters: learned absolute positions (replicated across TP, first stage), LayerNorm with bias, linear
+biases, ffn = 4h, tied embeddings (the last stage's copy of the word embeddings is a parameter there,
+so it is also in that stage's DP reduction). The padded vocabulary depends on tp (a multiple of
+128 * tp): 50304 at tp 1, 50432 at tp 2, 50688 at tp 4.
 
 The mean r is the mean of r_t over every iteration of the run: MSLG 128 -> 2048 in steps of 16 over
 200k iterations, then r = s until the 4800B layer-token stop (`LayerTokenCurve.iterations_to_reach`).
 TP traffic is linear in r, so TP volume at the mean r is the run's mean TP volume per iteration.
 
 Tables show the mean over all GPUs (total traffic / world size) per component, and the busiest GPU's
-total; `--json` adds every stage's breakdown. GB = 1e9 bytes.
+total; a second table compares the DP-group traffic (DP grads + params + tied emb) of plain DP and the
+distributed optimizer, fp32 and bf16 gradients; `--json` adds every stage's breakdown. GB = 1e9 bytes.
 
-    python bench/comm_volume.py                # markdown tables
+`--check` confirms the model on a tiny GPT by counting the collectives real 8-rank gloo runs issue (bytes
+handed to each collective: the all-reduced tensor, the reduce-scatter's input, the all-gather's output,
+the p2p sends), plain and with the distributed optimizer, the latter's padding read off its buffers.
+
+    python bench/comm_volume.py                # markdown tables (the recipe: --bf16, plain DP)
+    python bench/comm_volume.py --use-distributed-optimizer --grad-reduce-in-bf16   # other settings
     python bench/comm_volume.py --json         # the same numbers, per stage, as JSON
-    python bench/comm_volume.py --check        # tiny 8-rank gloo runs (2x2x2, 1x4x2): counted vs model (~40 s)
+    python bench/comm_volume.py --check        # tiny 8-rank gloo runs: counted vs model (~1 min)
 """
 
 import argparse
@@ -61,7 +76,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 LAYOUTS = [(1, 1, 64), (2, 1, 32), (4, 1, 16), (1, 2, 32), (2, 2, 16), (2, 4, 8)]
-COMPONENTS = ("dp_grads", "tp", "pp_p2p", "tied_emb")
+COMPONENTS = ("dp_grads", "dp_params", "tp", "pp_p2p", "tied_emb")
 
 
 @dataclass(frozen=True)
@@ -81,12 +96,32 @@ class ModelShape:
     ltd_step: int = 16
     ltd_ramp_iters: int = 200_000
     train_layer_tokens: int = 4800 * 10**9
-    fwd_bytes: int = 2  # forward TP all-reduce: bf16 GEMM output under autocast
-    bwd_bytes: int = 4  # backward TP all-reduce: fp32 input grad
 
     @property
     def ffn(self) -> int:
         return 4 * self.hidden
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Bytes per element of what moves, and how DP reduces: the precision and DDP flags of a run."""
+
+    param: int = 2  # a: --bf16 parameters; TP all-reduces both ways, the distributed optimizer's all-gather
+    grad: int = 4  # g: main_grad, fp32 under --bf16; 2 with --grad-reduce-in-bf16
+    residual: int = 2  # x: residual stream = pipeline messages; 4 with --fp32-residual-connection
+    distributed_optimizer: bool = False  # reduce-scatter grads + all-gather params instead of all-reduce
+
+    def flags(self) -> list[str]:
+        """The trainer flags that give these numerics."""
+        out = [] if self.param == 4 else ["--bf16"]
+        if self.param == 2 and self.grad == 2:
+            out.append("--grad-reduce-in-bf16")
+        if self.param == 2 and self.residual == 4:
+            out.append("--fp32-residual-connection")
+        return out + (["--use-distributed-optimizer"] if self.distributed_optimizer else [])
+
+
+BF16, FP32 = Numerics(), Numerics(param=4, grad=4, residual=4)
 
 
 def padded_vocab(m: ModelShape, tp: int) -> int:
@@ -98,6 +133,11 @@ def padded_vocab(m: ModelShape, tp: int) -> int:
 def ring(n: int) -> float:
     """Bytes a rank sends in a ring all-reduce over n ranks, per byte of payload."""
     return 2.0 * (n - 1) / n
+
+
+def ring_half(n: int) -> float:
+    """Bytes a rank sends in a ring reduce-scatter or all-gather over n ranks, per byte of the full buffer."""
+    return (n - 1) / n
 
 
 def stage_params(m: ModelShape, tp: int, pp: int, k: int) -> int:
@@ -119,35 +159,48 @@ def stage_params(m: ModelShape, tp: int, pp: int, k: int) -> int:
     return n
 
 
-def stage_volume(m: ModelShape, tp: int, pp: int, dp: int, k: int, keep: int) -> dict[str, dict]:
-    """{component: {"payload": bytes handed to collectives, "sent": bytes this GPU sends}} for stage k."""
+def stage_volume(m: ModelShape, nx: Numerics, tp: int, pp: int, dp: int, k: int, keep: int,
+                 dp_padding: int = 0) -> dict[str, dict]:
+    """{component: {"payload": bytes handed to collectives, "sent": bytes this GPU sends}} for stage k.
+
+    dp_padding: elements the distributed optimizer's buffers add for alignment (the check passes what
+    the real buffers hold; the tables leave it out)."""
     b, s, h = m.micro_batch, m.seq, m.hidden
     assert m.global_batch % (b * dp) == 0 and m.num_layers % pp == 0
     M = m.global_batch // (b * dp)
     per = m.num_layers // pp
+    a = nx.param
     out = {}
-    grads = stage_params(m, tp, pp, k) * 4 if dp > 1 else 0
-    out["dp_grads"] = {"payload": grads, "sent": grads * ring(dp)}
+    elements = stage_params(m, tp, pp, k) + (dp_padding if nx.distributed_optimizer else 0) if dp > 1 else 0
+    if nx.distributed_optimizer:  # reduce-scatter of the grads, all-gather of the updated parameters
+        out["dp_grads"] = {"payload": elements * nx.grad, "sent": elements * nx.grad * ring_half(dp)}
+        out["dp_params"] = {"payload": elements * a, "sent": elements * a * ring_half(dp)}
+    else:
+        out["dp_grads"] = {"payload": elements * nx.grad, "sent": elements * nx.grad * ring(dp)}
+        out["dp_params"] = {"payload": 0, "sent": 0.0}
     tp_payload = 0
     if tp > 1:
         for layer in range(k * per, (k + 1) * per):
             n = keep if (layer in m.ltd_layers and keep < s) else s
-            tp_payload += M * 2 * b * n * h * (m.fwd_bytes + m.bwd_bytes)
+            tp_payload += M * 2 * b * n * h * 2 * a  # two all-reduces forward, two backward
         if k == 0:
-            tp_payload += M * b * s * h * 4  # vocab-parallel embedding output (fp32)
+            tp_payload += M * b * s * h * a  # vocab-parallel embedding output
         if k == pp - 1:
-            tp_payload += M * (b * s * h * 4 + 3 * b * s * 4)  # LM head input grad; CE max/target/sum-exp
+            tp_payload += M * (b * s * h * a + 3 * b * s * 4)  # LM head input grad; CE max/target/sum-exp
     out["tp"] = {"payload": tp_payload, "sent": tp_payload * ring(tp)}
     neighbours = (k > 0) + (k < pp - 1)
-    p2p = M * b * s * h * 4 * neighbours
+    p2p = M * b * s * h * nx.residual * neighbours
     out["pp_p2p"] = {"payload": p2p, "sent": p2p}
-    tied = padded_vocab(m, tp) // tp * h * 4 if pp > 1 and k in (0, pp - 1) else 0
+    tied = 0
+    if pp > 1 and k in (0, pp - 1):
+        tied = padded_vocab(m, tp) // tp * h * nx.grad
+        tied //= dp if nx.distributed_optimizer else 1  # only this rank's shard of the tied weight's bucket
     out["tied_emb"] = {"payload": tied, "sent": tied * ring(2)}
     return out
 
 
-def layout_volume(m: ModelShape, tp: int, pp: int, dp: int, keep: int) -> dict:
-    stages = [stage_volume(m, tp, pp, dp, k, keep) for k in range(pp)]
+def layout_volume(m: ModelShape, nx: Numerics, tp: int, pp: int, dp: int, keep: int) -> dict:
+    stages = [stage_volume(m, nx, tp, pp, dp, k, keep) for k in range(pp)]
     mean = {c: sum(st[c]["sent"] for st in stages) / pp for c in COMPONENTS}  # every stage has tp*dp GPUs
     totals = [sum(st[c]["sent"] for c in COMPONENTS) for st in stages]
     busiest = max(range(pp), key=lambda k: totals[k])
@@ -155,6 +208,12 @@ def layout_volume(m: ModelShape, tp: int, pp: int, dp: int, keep: int) -> dict:
             "busiest_stage": busiest, "busiest_total": totals[busiest],
             "stages": [{"stage": k, **{c: st[c] for c in COMPONENTS}, "total_sent": totals[k]}
                        for k, st in enumerate(stages)]}
+
+
+def dp_group_traffic(m: ModelShape, nx: Numerics, tp: int, pp: int, dp: int) -> float:
+    """Mean bytes per GPU per iteration over DP and the tied-embedding group (independent of r)."""
+    stages = [stage_volume(m, nx, tp, pp, dp, k, m.seq) for k in range(pp)]
+    return sum(st[c]["sent"] for st in stages for c in ("dp_grads", "dp_params", "tied_emb")) / pp
 
 
 def mean_keep(m: ModelShape) -> dict:
@@ -170,17 +229,29 @@ def mean_keep(m: ModelShape) -> dict:
             "mean_r_during_ramp": sched.sum_kept_lengths(ramp) / ramp}
 
 
-def compute(m: ModelShape) -> dict:
+DP_VARIANTS = {  # the DP-group comparison of markdown(): name -> numerics, for a bf16 model
+    "all-reduce, fp32 grads": BF16,
+    "dist. opt., fp32 grads": replace(BF16, distributed_optimizer=True),
+    "all-reduce, bf16 grads": replace(BF16, grad=2),
+    "dist. opt., bf16 grads": replace(BF16, grad=2, distributed_optimizer=True),
+}
+
+
+def compute(m: ModelShape, nx: Numerics) -> dict:
     mk = mean_keep(m)
     keeps = {"dense": m.seq, "ltd_r_start": m.ltd_start, "ltd_r_mean": mk["mean_r"]}
     rows = []
     for tp, pp, dp in LAYOUTS:
         row = {"tp": tp, "pp": pp, "dp": dp, "micro_batches_per_rank": m.global_batch // (m.micro_batch * dp),
-               "padded_vocab": padded_vocab(m, tp)}
+               "padded_vocab": padded_vocab(m, tp), "params_per_gpu_max": max(
+                   stage_params(m, tp, pp, k) for k in range(pp))}
         for name, keep in keeps.items():
-            row[name] = layout_volume(m, tp, pp, dp, keep)
+            row[name] = layout_volume(m, nx, tp, pp, dp, keep)
+        if nx.param == 2:
+            row["dp_group_by_variant"] = {name: dp_group_traffic(m, v, tp, pp, dp) for name, v in DP_VARIANTS.items()}
         rows.append(row)
-    return {"model": {**asdict(m), "ltd_layers": f"{m.ltd_layers[0]}-{m.ltd_layers[-1]}"}, "schedule": mk,
+    return {"model": {**asdict(m), "ltd_layers": f"{m.ltd_layers[0]}-{m.ltd_layers[-1]}"},
+            "numerics": {**asdict(nx), "flags": " ".join(nx.flags()) or "(fp32)"}, "schedule": mk,
             "keeps": keeps, "layouts": rows, "units": "bytes sent per GPU per iteration"}
 
 
@@ -188,14 +259,17 @@ def markdown(result: dict) -> str:
     gb = 1e9
     mk = result["schedule"]
     lines = [
+        f"Flags: {result['numerics']['flags']}.",
+        "",
         (f"Mean r over the run: {mk['mean_r']:.1f} ({mk['iterations']:,} iterations; r reaches s at iteration "
          f"{mk['full_length_iteration']:,}; mean over the 200k-iteration ramp alone {mk['mean_r_during_ramp']:.1f})."),
         "",
-        "GB sent per GPU per iteration, mean over the 64 GPUs. DP grads, PP p2p and tied emb do not depend on r.",
+        ("GB sent per GPU per iteration, mean over the 64 GPUs. DP grads, DP params, PP p2p and tied emb do not "
+         "depend on r."),
         "",
-        ("| tp | pp | dp | M | DP grads | PP p2p | tied emb | TP dense | TP r=128 | TP r̄ | total dense | "
+        ("| tp | pp | dp | M | DP grads | DP params | PP p2p | tied emb | TP dense | TP r=128 | TP r̄ | total dense | "
          "total r=128 | total r̄ | busiest GPU dense / r=128 / r̄ |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["layouts"]:
         d, a, r = row["dense"], row["ltd_r_start"], row["ltd_r_mean"]
@@ -206,10 +280,20 @@ def markdown(result: dict) -> str:
 
         lines.append(
             f"| {row['tp']} | {row['pp']} | {row['dp']} | {row['micro_batches_per_rank']} "
-            f"| {md['dp_grads'] / gb:.2f} | {md['pp_p2p'] / gb:.2f} | {md['tied_emb'] / gb:.2f} "
+            f"| {md['dp_grads'] / gb:.2f} | {md['dp_params'] / gb:.2f} | {md['pp_p2p'] / gb:.2f} "
+            f"| {md['tied_emb'] / gb:.2f} "
             f"| {md['tp'] / gb:.2f} | {a['mean_per_gpu_sent']['tp'] / gb:.2f} | {r['mean_per_gpu_sent']['tp'] / gb:.2f} "
             f"| {d['mean_total'] / gb:.2f} | {a['mean_total'] / gb:.2f} | {r['mean_total'] / gb:.2f} "
             f"| {busy(d)} / {busy(a)} / {busy(r)} |")
+    if "dp_group_by_variant" in result["layouts"][0]:
+        names = list(DP_VARIANTS)
+        lines += ["", ("DP-group traffic (DP grads + DP params + tied emb), GB per GPU per iteration, mean over the "
+                       "GPUs, bf16 parameters:"), "",
+                  "| tp | pp | dp | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        for row in result["layouts"]:
+            v = row["dp_group_by_variant"]
+            lines.append(f"| {row['tp']} | {row['pp']} | {row['dp']} | "
+                         + " | ".join(f"{v[n] / gb:.2f}" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -227,23 +311,35 @@ def _count_worker(out_dir: str, argv: list[str]) -> None:
     import torch.distributed as dist
 
     from megatron.core import parallel_state as ps
+    from megatron.core.distributed import ddp
 
     counts = collections.Counter()
+    syncs = []
 
     def kind(group):
-        for name, g in (("tp", ps.get_tensor_model_parallel_group()), ("dp_grads", ps.get_data_parallel_group()),
+        for name, g in (("tp", ps.get_tensor_model_parallel_group()), ("dp", ps.get_data_parallel_group()),
                         ("tied_emb", ps.get_embedding_group()), ("mp", ps.get_model_parallel_group())):
             if g is not None and group is g:
                 return name
         return "other"
 
     real_all_reduce, real_batch = dist.all_reduce, dist.batch_isend_irecv
+    real_reduce_scatter, real_all_gather = ddp._reduce_scatter, ddp._all_gather
 
     def all_reduce(tensor, *args, group=None, **kwargs):
         control = group is None and tensor.numel() <= 8  # signals.any_rank: the per-iteration stop flags
         if tensor.dim() > 0 and not control:  # 0-dim: loss average, grad norm, found-inf (left out of the model)
-            counts[kind(group)] += tensor.numel() * tensor.element_size()
+            name = kind(group)
+            counts["dp_grads" if name == "dp" else name] += tensor.numel() * tensor.element_size()
         return real_all_reduce(tensor, *args, group=group, **kwargs)
+
+    def reduce_scatter(output, input, *args, group=None, **kwargs):  # the distributed optimizer's grads
+        counts["dp_grads" if kind(group) == "dp" else "other"] += input.numel() * input.element_size()
+        return real_reduce_scatter(output, input, *args, group=group, **kwargs)
+
+    def all_gather(output, input, *args, group=None, **kwargs):  # ... and its updated parameters
+        counts["dp_params" if kind(group) == "dp" else "other"] += output.numel() * output.element_size()
+        return real_all_gather(output, input, *args, group=group, **kwargs)
 
     def batch_isend_irecv(ops):
         for op in ops:
@@ -251,26 +347,45 @@ def _count_worker(out_dir: str, argv: list[str]) -> None:
                 counts["pp_p2p"] += op.tensor.numel() * op.tensor.element_size()
         return real_batch(ops)
 
+    real_init = ddp.DataParallelGradSync.__init__
+
+    def init(self, *args, **kwargs):  # remember the trainer's buffers, to read their padding
+        real_init(self, *args, **kwargs)
+        syncs.append(self)
+
     dist.all_reduce, dist.batch_isend_irecv = all_reduce, batch_isend_irecv
+    ddp._reduce_scatter, ddp._all_gather = reduce_scatter, all_gather
+    ddp.DataParallelGradSync.__init__ = init
     sys.argv = [os.path.join(REPO, "pretrain_gpt_ltd.py")] + argv
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as e:
         if e.code not in (0, None):
             raise
+    padding = sum(buf.numel for s in syncs for buf in s.buffers) - sum(p.numel() for s in syncs for p in s.params)
     with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
-        json.dump({"pp_rank": ps.get_pipeline_model_parallel_rank(), "counts": dict(counts)}, f)
+        json.dump({"pp_rank": ps.get_pipeline_model_parallel_rank(), "counts": dict(counts), "padding": padding}, f)
 
 
-CHECK_LAYOUTS = [(2, 2, 2), (1, 4, 2)]  # 8 ranks each: TP + first/last stage, and middle stages
+# 8 ranks each: TP + first/last stage, middle stages; the distributed optimizer on both, and with bf16
+# gradients, several buckets and both overlaps (which change when bytes move, not how many)
+CHECK_RUNS = [((2, 2, 2), []), ((1, 4, 2), []), ((2, 2, 2), ["--use-distributed-optimizer"]),
+              ((1, 2, 4), ["--use-distributed-optimizer", "--grad-reduce-in-bf16", "--overlap-grad-reduce",
+                           "--overlap-param-gather", "--ddp-bucket-size", "20000"])]
 
 
-def check(precision: str) -> bool:
-    return all(check_layout(precision, *layout) for layout in CHECK_LAYOUTS)  # stops at the first failure
+def check(nx: Numerics) -> bool:
+    runs = [r for r in CHECK_RUNS if nx.param == 2 or "--grad-reduce-in-bf16" not in r[1]]  # needs --bf16
+    for layout, extra in runs:  # stops at the first failure
+        run_nx = replace(nx, distributed_optimizer=nx.distributed_optimizer or "--use-distributed-optimizer" in extra,
+                         grad=2 if "--grad-reduce-in-bf16" in extra else nx.grad)
+        if not check_layout(run_nx, *layout, extra=[f for f in extra if f not in run_nx.flags()]):
+            return False
+    return True
 
 
-def check_layout(precision: str, tp: int, pp: int, dp: int) -> bool:
-    m = TINY if precision == "bf16" else replace(TINY, fwd_bytes=4)
+def check_layout(nx: Numerics, tp: int, pp: int, dp: int, extra: list[str] = ()) -> bool:
+    m = TINY
     argv = ["--num-layers", str(m.num_layers), "--hidden-size", str(m.hidden), "--num-attention-heads",
             str(m.heads), "--seq-length", str(m.seq), "--micro-batch-size", str(m.micro_batch),
             "--global-batch-size", str(m.global_batch), "--lr", "1e-4", "--train-iters", str(CHECK_ITERS),
@@ -279,7 +394,7 @@ def check_layout(precision: str, tp: int, pp: int, dp: int) -> bool:
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
             "--random-ltd", "--random-ltd-start-seq-length", str(m.ltd_start), "--random-ltd-seq-step",
             str(m.ltd_step), "--random-ltd-ramp-iters", str(m.ltd_ramp_iters),
-            "--random-ltd-layers", ",".join(map(str, m.ltd_layers))] + (["--bf16"] if precision == "bf16" else [])
+            "--random-ltd-layers", ",".join(map(str, m.ltd_layers))] + nx.flags() + list(extra)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as out:
@@ -295,19 +410,22 @@ def check_layout(precision: str, tp: int, pp: int, dp: int) -> bool:
                 ranks.append(json.load(f))
     ok, printed = True, set()
     print(f"check: tiny GPT L={m.num_layers} h={m.hidden} s={m.seq} b={m.micro_batch} G={m.global_batch} "
-          f"r={m.ltd_start} in layers {m.ltd_layers}, tp x pp x dp = {tp} x {pp} x {dp}, {precision}, "
-          f"{CHECK_ITERS} iterations; payload bytes per iteration, counted / model")
+          f"r={m.ltd_start} in layers {m.ltd_layers}, tp x pp x dp = {tp} x {pp} x {dp}, "
+          f"{' '.join(nx.flags() + list(extra)) or 'fp32'}, {CHECK_ITERS} iterations; payload bytes per "
+          "iteration, counted / model")
     for r in sorted(ranks, key=lambda x: x["pp_rank"]):
-        model = stage_volume(m, tp, pp, dp, r["pp_rank"], m.ltd_start)
+        model = stage_volume(m, nx, tp, pp, dp, r["pp_rank"], m.ltd_start, dp_padding=r["padding"])
         cells = []
         for c in COMPONENTS:
             counted = r["counts"].get(c, 0) / CHECK_ITERS
             want = model[c]["payload"]
             ok &= counted == want
             cells.append(f"{c} {counted:,.0f} / {want:,}")
-        extra = {k: v for k, v in r["counts"].items() if k not in COMPONENTS}
-        ok &= not extra
-        line = f"  stage {r['pp_rank']}: " + ", ".join(cells) + (f"  UNMODELLED {extra}" if extra else "")
+        extra_counts = {k: v for k, v in r["counts"].items() if k not in COMPONENTS}
+        ok &= not extra_counts
+        pad = f" (padding {r['padding']} el.)" if nx.distributed_optimizer else ""
+        line = (f"  stage {r['pp_rank']}{pad}: " + ", ".join(cells)
+                + (f"  UNMODELLED {extra_counts}" if extra_counts else ""))
         if line not in printed:  # the tp * dp ranks of a stage normally agree: print each line once
             print(line)
             printed.add(line)
@@ -322,14 +440,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print JSON (every stage's breakdown) instead of tables")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="bf16: autocast as in the recipe (TP forward 2 bytes, backward 4); fp32: 4 and 4")
+                   help="bf16: bf16 parameters and activations, fp32 gradient buffers (the recipe); fp32: all 4 bytes")
+    p.add_argument("--grad-reduce-in-bf16", action="store_true", help="bf16 gradient buffers (DP traffic 2 bytes)")
+    p.add_argument("--fp32-residual-connection", action="store_true", help="fp32 residual stream: PP p2p 4 bytes")
+    p.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="DP reduce-scatter of grads + all-gather of parameters instead of the all-reduce")
     p.add_argument("--check", action="store_true",
                    help="count the collectives of tiny 8-rank gloo runs and compare them with the model")
     args = p.parse_args()
+    if args.precision == "fp32" and (args.grad_reduce_in_bf16 or args.fp32_residual_connection):
+        p.error("--grad-reduce-in-bf16 and --fp32-residual-connection need --precision bf16")
+    nx = BF16 if args.precision == "bf16" else FP32
+    nx = replace(nx, grad=2 if args.grad_reduce_in_bf16 else nx.grad,
+                 residual=4 if args.fp32_residual_connection else nx.residual,
+                 distributed_optimizer=args.use_distributed_optimizer)
     if args.check:
-        return 0 if check(args.precision) else 1
-    m = ModelShape() if args.precision == "bf16" else ModelShape(fwd_bytes=4)
-    result = compute(m)
+        return 0 if check(nx) else 1
+    result = compute(ModelShape(), nx)
     print(json.dumps(result, indent=1) if args.json else markdown(result))
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA path, checked on a GPU machine in one go: device pick, bf16 autocast, random-LTD kernels,
+# The CUDA path, checked on a GPU machine in one go: device pick, bf16 parameters, random-LTD kernels,
 # the unit tests on CUDA (including CPU == CUDA kept indices), and straight vs resumed training on the
 # GPU. Writes its log and metrics under $OUT (default /tmp/gpu_smoke).
 #   bash bench/gpu_smoke.sh

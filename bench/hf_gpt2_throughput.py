@@ -14,8 +14,9 @@ what each side's training loop does:
           clip_grad_norm_ -> torch.optim.AdamW.step() -> zero_grad
 
 The two steps alternate in one process (a round is one step of each, in alternating order), after
---warmup rounds; tokens/s = b*s / median step time. bf16 means torch.autocast over forward and loss for
-both, with fp32 weights. On CPU the script re-executes itself with glibc's malloc thresholds pinned
+--warmup rounds; tokens/s = b*s / median step time. bf16 means each side's own way: ours bf16 parameters
+with fp32 main parameters and an fp32 gradient buffer (the trainer's `--bf16`), HF torch.autocast over
+forward and loss with fp32 weights (what `transformers.Trainer(bf16=True)` does). On CPU the script re-executes itself with glibc's malloc thresholds pinned
 (bench/ltd_step_time.py explains why); both models run in that same process, so neither gains.
 
     python bench/hf_gpt2_throughput.py                             # L 4 / h 256 / s 256 / b 8, fp32 and bf16
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ltd_step_time import Clock, keep_freed_memory, machine  # noqa: E402
 
 from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.distributed import DataParallelGradSync  # noqa: E402
 from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig  # noqa: E402
 from megatron.core.transformer.config import TransformerConfig  # noqa: E402
 
@@ -61,12 +63,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_ours(args, device):
+def build_ours(args, device, dtype):
     torch.manual_seed(SEED)
     cfg = TransformerConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
                             seq_length=args.seq, vocab_size=args.vocab, hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(cfg).to(device).train()
-    opt = Optimizer(model, OptimizerConfig(lr=1e-4, weight_decay=0.01, clip_grad=1.0))
+    model = GPTModel(cfg).to(device, torch.bfloat16 if dtype == "bf16" else torch.float32).train()
+    sync = DataParallelGradSync(model.parameters(), grad_dtype=torch.float32)  # one process: no collectives
+    opt = Optimizer(model, OptimizerConfig(lr=1e-4, weight_decay=0.01, clip_grad=1.0), sync)
     position_ids = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
 
     def step(tokens, labels):
@@ -104,21 +107,21 @@ def build_hf(args, device):
 
 
 def measure(args, dtype, device, clock):
-    ours_model, ours = build_ours(args, device)
+    ours_model, ours = build_ours(args, device, dtype)
     hf_model, hf = build_hf(args, device)
     n_ours = sum(p.numel() for p in ours_model.parameters())
     n_hf = sum(p.numel() for p in hf_model.parameters())
     g = torch.Generator().manual_seed(SEED)
     data = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
     tokens, labels = data[:, :-1], data[:, 1:]
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext())
+    hf_autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext())
     times = {"ours": [], "hf": []}
     steps = {"ours": ours, "hf": hf}
     for rnd in range(args.warmup + args.rounds):
         order = ["ours", "hf"] if rnd % 2 == 0 else ["hf", "ours"]
         for name in order:
             t0 = clock()
-            with autocast:
+            with hf_autocast if name == "hf" else contextlib.nullcontext():
                 loss = steps[name](tokens, labels)
             loss.item()
             if rnd >= args.warmup:

@@ -10,7 +10,12 @@ is not in any FLOP count, so this script measures
 and, separately, the draw and the gather/scatter alone, to see how much of any gap they explain.
 Target: measured within 5 % of predicted.
 
-A step is forward + masked CE loss + backward + `Optimizer.step()` (AdamW, grad clipping) + zero_grad.
+A step is forward + masked CE loss + backward + `Optimizer.step()` (AdamW, grad clipping) + zero_grad, on
+the trainer's own path at one process: gradients land in `main_grad` buffers (`DataParallelGradSync`, which
+communicates nothing at dp = 1) and the optimizer steps from them. `--dtype bf16` is what `--bf16` trains
+with: bf16 parameters (`model.to(torch.bfloat16)`), so every activation, the residual stream and the rows
+that random-LTD gathers and scatters are bf16; gradients accumulate into fp32 `main_grad` and AdamW steps
+fp32 main parameters, which are cast back into the model after each step.
 Dense and LTD steps alternate on the same model and optimizer (one round = dense and every r/s, in a
 rotating order), after one warm-up round; medians over --steps rounds. Dropout is 0 by default so the
 step is the FLOP model's matmuls plus the usual per-token elementwise work.
@@ -43,6 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.core.distributed import DataParallelGradSync
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig
 from megatron.core.random_ltd import RandomLTDState, run_layer_on_kept
@@ -70,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 master weights")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 = bf16 parameters and activations, fp32 gradient buffers and main parameters")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     p.add_argument("--profile", action="store_true",
@@ -105,14 +112,13 @@ def identity_layer(part, position_ids=None, padding_mask=None):
     return part
 
 
-def time_overhead(b, s, h, keep, ltd_layers, device, reps, clock):
+def time_overhead(b, s, h, keep, ltd_layers, device, dtype, reps, clock):
     """Median (draw, gather+scatter fwd+bwd) seconds per step for all LTD layers, with an identity layer.
 
-    The residual stream is fp32 in both dtypes (autocast leaves the embedding output and residual adds
-    in fp32), so gather/scatter move fp32 rows here too.
+    The rows moved are the residual stream's, in the parameter dtype (as in the model).
     """
-    x0 = torch.randn(b, s, h, device=device, requires_grad=True)
-    grad = torch.randn(b, s, h, device=device)
+    x0 = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)  # [b, s, h]
+    grad = torch.randn(b, s, h, device=device, dtype=dtype)  # [b, s, h]
     sample_ids = torch.arange(b, device=device)
     draws, moves = [], []
     for it in range(reps + 1):
@@ -138,8 +144,10 @@ def bench_config(args, L, s, device, clock):
     h, b = args.hidden, args.batch
     cfg = TransformerConfig(num_layers=L, hidden_size=h, num_attention_heads=args.heads, seq_length=s,
                             vocab_size=args.vocab, hidden_dropout=args.dropout, attention_dropout=args.dropout)
-    model = GPTModel(cfg).to(device).train()
-    opt = Optimizer(model, OptimizerConfig(lr=1e-4))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = GPTModel(cfg).to(device, dtype).train()  # as the trainer: the whole model in the parameter dtype
+    grad_sync = DataParallelGradSync(model.parameters(), grad_dtype=torch.float32)  # fp32 main_grad; dp = 1
+    opt = Optimizer(model, OptimizerConfig(lr=1e-4), grad_sync)
     n_params = sum(p.numel() for p in model.parameters())
     tokens = torch.randint(0, args.vocab, (b, s + 1), device=device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -149,18 +157,16 @@ def bench_config(args, L, s, device, clock):
     sample_ids = torch.arange(b, device=device)
     ltd_layers = frozenset(range(1, L - 1))
     keeps = [max(1, round(fr * s)) for fr in args.keep_fractions]
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
-                else contextlib.nullcontext())
     iteration = 0
 
     def step(keep):
         nonlocal iteration
         ltd = None if keep is None else RandomLTDState(SEED, iteration, sample_ids, keep, ltd_layers)
         t0 = clock()
-        with autocast:
-            loss = model(inputs, position_ids, labels, ltd=ltd)  # [b, s] fp32
-            loss = (loss * loss_mask).sum() / loss_mask.sum()
-        loss.backward()
+        loss = model(inputs, position_ids, labels, ltd=ltd)  # [b, s] fp32 (CE on fp32 logits)
+        loss = (loss * loss_mask).sum() / loss_mask.sum()
+        loss.backward()  # hooks add each .grad into the fp32 main_grad
+        grad_sync.finish_grad_sync()  # nothing to reduce at dp = 1
         t1 = clock()
         opt.step()
         opt.zero_grad()
@@ -190,7 +196,7 @@ def bench_config(args, L, s, device, clock):
         flop_ratio = step_flops(L, h, f, s, b, args.vocab, keep, ltd_layers) / f_dense
         t_model = t_dense - t_opt
         predicted = (t_opt + t_model * flop_ratio) / t_dense
-        draw, move = time_overhead(b, s, h, keep, ltd_layers, device, max(3, args.steps), clock)
+        draw, move = time_overhead(b, s, h, keep, ltd_layers, device, dtype, max(3, args.steps), clock)
         # Ratio of each LTD step to the dense step of the same round: robust to slow drift in machine load.
         paired = statistics.median(a / d for a, d in zip(times[keep], times[None]))
         rows.append({"L": L, "h": h, "s": s, "r": keep, "params": n_params, "dense": t_dense, "ltd": t_ltd,

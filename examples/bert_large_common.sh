@@ -31,7 +31,7 @@ LR=${LR:-1e-4}
 MIN_LR=${MIN_LR:-1e-5}
 WARMUP_ITERS=${WARMUP_ITERS:-10000}
 TRAIN_ITERS=${TRAIN_ITERS:-2000000}        # 2M x 1024 x 512 = 1049B tokens read
-PRECISION=${PRECISION---bf16}              # unset: bf16; PRECISION="" runs fp32 (the paper: --fp16, dynamic loss scale)
+source "$(dirname "${BASH_SOURCE[0]}")/precision.sh"  # PRECISION=bf16|fp16|fp32, DIST_OPT=1|0
 
 # --- output ------------------------------------------------------------------------------------------
 RUN_NAME=${RUN_NAME:-bert_large}
@@ -51,7 +51,7 @@ COMMON_ARGS="--num-layers $NUM_LAYERS --hidden-size $HIDDEN --num-attention-head
   --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \
   --micro-batch-size $MICRO_BATCH --global-batch-size $GLOBAL_BATCH --train-iters $TRAIN_ITERS \
   --lr $LR --min-lr $MIN_LR --lr-decay-style linear --lr-warmup-iters $WARMUP_ITERS \
-  --adam-beta1 0.9 --adam-beta2 0.999 --weight-decay 1e-2 --clip-grad 1.0 $PRECISION \
+  --adam-beta1 0.9 --adam-beta2 0.999 --weight-decay 1e-2 --clip-grad 1.0 $PRECISION_ARGS $DIST_OPT_ARGS \
   $TOKENIZER_ARGS --data-path $DATA_PATH --split 949,50,1 --seed 1234 \
   --log-interval $LOG_INTERVAL --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS \
   --save $OUT/checkpoints --load $OUT/checkpoints --save-interval $SAVE_INTERVAL \

@@ -30,7 +30,7 @@ MICRO_BATCH=${MICRO_BATCH:-4}
 LR=${LR:-2e-4}
 MIN_LR=${MIN_LR:-1e-6}
 WARMUP_TOKENS=${WARMUP_TOKENS:-3e9}
-PRECISION=${PRECISION---bf16}              # unset: bf16; PRECISION="" runs fp32 (the paper: --fp16, dynamic loss scale)
+source "$(dirname "${BASH_SOURCE[0]}")/precision.sh"  # PRECISION=bf16|fp16|fp32, DIST_OPT=1|0
 
 # --- output ------------------------------------------------------------------------------------------
 RUN_NAME=${RUN_NAME:-gpt_1.3b}
@@ -49,7 +49,7 @@ COMMON_ARGS="--num-layers $NUM_LAYERS --hidden-size $HIDDEN --num-attention-head
   --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \
   --micro-batch-size $MICRO_BATCH --global-batch-size $GLOBAL_BATCH \
   --lr $LR --min-lr $MIN_LR --lr-decay-style cosine --lr-warmup-tokens $WARMUP_TOKENS \
-  --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 $PRECISION \
+  --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 $PRECISION_ARGS $DIST_OPT_ARGS \
   $TOKENIZER_ARGS --data-path $DATA_PATH --split 949,50,1 --seed 1234 \
   --log-interval $LOG_INTERVAL --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS \
   --save $OUT/checkpoints --load $OUT/checkpoints --save-interval $SAVE_INTERVAL \

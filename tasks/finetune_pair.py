@@ -33,6 +33,7 @@ from torch import nn  # noqa: E402
 
 from megatron.checkpoint.tokenizer import tokenizer_from_args  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.distributed import DataParallelGradSync  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.core.models.bert import BertModel  # noqa: E402
 from megatron.core.models.init import full_init  # noqa: E402
@@ -81,13 +82,12 @@ class PairClassifier(nn.Module):
 
 
 @torch.no_grad()
-def accuracy(model: PairClassifier, data: PairDataset, batch_size: int, device, autocast) -> float:
+def accuracy(model: PairClassifier, data: PairDataset, batch_size: int, device) -> float:
     model.eval()
     correct = 0
     for start in range(0, len(data), batch_size):
         b = {k: v.to(device) for k, v in data.batch(np.arange(start, min(start + batch_size, len(data)))).items()}
-        with autocast():
-            logits = model(b["text"], b["types"], b["padding_mask"])  # [b, classes]
+        logits = model(b["text"], b["types"], b["padding_mask"])  # [b, classes]
         correct += int((logits.argmax(-1) == b["label"]).sum())
     model.train()
     return correct / len(data)
@@ -103,19 +103,18 @@ def finetune(model: PairClassifier, train: PairDataset, valid: dict, args, devic
     total = steps_per_epoch * args.epochs
     lr_cfg = LRScheduleConfig(args.lr, args.min_lr, "linear" if total > 1 else "constant",
                               warmup_samples=args.lr_warmup_fraction * total * gbs, decay_samples=total * gbs)
+    if args.bf16:  # bf16 weights, fp32 main parameters and gradient buffer, as in pretraining
+        model.to(torch.bfloat16)
+    sync = DataParallelGradSync(model.parameters(), grad_dtype=torch.float32)
     optimizer = Optimizer(model, OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay,
-                                                 clip_grad=args.clip_grad))
-    dtype = torch.bfloat16 if args.bf16 else None
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+                                                 clip_grad=args.clip_grad), sync)
 
     rng = np.random.RandomState(args.seed)
     results, it, t0, interval = {}, 0, time.perf_counter(), []
 
     def evaluate(epoch):
         for name, data in valid.items():
-            acc = accuracy(model, data, args.eval_batch_size or mbs, device, autocast)
+            acc = accuracy(model, data, args.eval_batch_size or mbs, device)
             results[name] = acc
             log(f" validation accuracy on {name} after iteration {it} (epoch {epoch:g}): {100 * acc:.2f}% "
                 f"of {len(data)}", {"iteration": it, "epoch": epoch, "valid": name, "accuracy": acc})
@@ -129,8 +128,7 @@ def finetune(model: PairClassifier, train: PairDataset, valid: dict, args, devic
             optimizer.zero_grad()
             for micro in step:
                 b = {k: v.to(device) for k, v in train.batch(micro).items()}
-                with autocast():
-                    logits = model(b["text"], b["types"], b["padding_mask"])  # [b, classes]
+                logits = model(b["text"], b["types"], b["padding_mask"])  # [b, classes]
                 loss = F.cross_entropy(logits.float(), b["label"])
                 (loss / accumulation).backward()
                 interval.append(loss.item())

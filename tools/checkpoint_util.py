@@ -9,9 +9,12 @@ This tool merges whatever layout training wrote (GPT or BERT) and splits it for 
 
 The padded vocabulary is re-padded to what a run at the target TP computes when the tokenizer's size
 is known (rebuilt from the saved tokenizer flags, or `--true-vocab-size`); padding rows are dropped or
-added as zeros. The output keeps args (with the new sizes), iteration, the model and the counters;
-optimizer and RNG states are dropped because they only make sense in the layout that wrote them, so
-resume with `--no-load-optim --no-load-rng` (or `--finetune`). Nothing is written unless the whole conversion
+added as zeros. The output keeps args (with the new sizes), iteration, the model and the counters. A
+checkpoint of `--use-distributed-optimizer` keeps its optimizer too: each rank's `distrib_optim.pt` (fp32
+parameters and Adam moments, per parameter) is re-split like the model, so resume with `--no-load-rng`.
+It does not depend on the data-parallel size, hence no target DP size here: any DP resumes it. A plain
+optimizer's state and the RNG states are dropped because they only make sense in the layout that wrote
+them, so resume with `--no-load-optim --no-load-rng` (or `--finetune`). Nothing is written unless the whole conversion
 succeeds: the files go through the trainer's crash-safe save protocol, the tracker file replaced last. A
 full disk or a permission error is one `error:` line (exit 2) like any bad input. Logic:
 megatron/checkpoint/convert.py (whole checkpoints) and layout.py (each parameter's split, read off the model).
@@ -24,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from megatron.checkpoint.convert import RESUME_HINT, convert_checkpoint  # noqa: E402
+from megatron.checkpoint.convert import convert_checkpoint  # noqa: E402
+from megatron.checkpoint.training import DISTRIB_OPTIM  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 
@@ -84,8 +88,11 @@ def main(argv=None) -> int:
               f"at TP={tp} may pad to another size: pass --true-vocab-size to re-pad as it does")
     else:
         print(f"padded vocabulary: {old} -> {new} rows for TP={tp} (tokenizer: {s['true_vocab']} ids)")
+    if s["distrib_optim"] is not None:
+        print(f"kept the distributed optimizer's state: {DISTRIB_OPTIM} ({', '.join(s['distrib_optim']['states'])}; "
+              f"step {s['distrib_optim']['step']}) re-split for TP={tp} PP={pp}, and its grad scaler and param groups")
     if s["dropped"]:
-        print(f"dropped (layout-specific): {', '.join(s['dropped'])}; {RESUME_HINT}")
+        print(f"dropped (layout-specific): {', '.join(s['dropped'])}; {s['resume_hint']}")
     return 0
 
 

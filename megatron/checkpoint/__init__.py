@@ -5,6 +5,9 @@
         {"args": {Megatron flags}, "config": {the resolved RunConfig, as plain dicts}, "iteration",
          "checkpoint_version": 3.0, "model": {state dict}, "optimizer", "rng_state", "opt_param_scheduler",
          "train_state", "consumed_*", "random_ltd"}
+    <save>/iter_0000100/mp_rank_{tp:02d}[_{pp:03d}]/distrib_optim.pt     with --use-distributed-optimizer
+        {"param"|"exp_avg"|"exp_avg_sq": {local parameter name: fp32 tensor}, "step"}: the DP shards,
+        gathered per parameter (independent of the DP size; converted with the weights)
 
     naming.py      folder and file names: built and parsed only here
     protocol.py    save (tmp folder, fsync, rename, tracker last) and load (weights_only) one rank's file

@@ -15,9 +15,17 @@ the target TP expects another number of embedding rows than the source holds. Wh
 is known (`--true-vocab-size`, or the tokenizer rebuilt from the saved flags) the rows are trimmed or
 zero-extended to what that run computes; rows below the tokenizer's size are never touched.
 
-Optimizer and RNG states are dropped: both are per rank (the optimizer's moments are keyed by the rank's
-local parameters, the RNG streams by its position in the grid) and have no counterpart in another
-layout. Resume a converted checkpoint with `--no-load-optim --no-load-rng`, or use `--finetune`.
+The distributed optimizer's state is kept. With `--use-distributed-optimizer` each rank folder also holds
+`distrib_optim.pt`: {"param"|"exp_avg"|"exp_avg_sq": {local parameter name: fp32 tensor}, "step"}, state
+dicts with the model's own keys and shapes. Each is merged, re-padded (zero rows, as the weights) and split
+exactly like the model, and the `optimizer` entry (grad scaler, param groups) is kept beside it; in memory
+a rank's dict carries its distrib_optim.pt under OPTIM_KEY. Resume such a conversion with `--no-load-rng`.
+That file does not depend on the data-parallel size, so there is no DP to convert.
+
+Without distrib_optim.pt the optimizer state is dropped: the plain optimizer keeps its moments per rank,
+in the order of the rank's local main parameters, with no counterpart in another layout. RNG states are
+always dropped (their streams belong to a position in the grid). Resume a converted checkpoint of a plain
+optimizer with `--no-load-optim --no-load-rng`, or use `--finetune`.
 """
 
 import os
@@ -27,21 +35,23 @@ from typing import Dict, Optional
 import torch
 
 from megatron.checkpoint.layout import Rank, merge_model, split_model
-from megatron.checkpoint.naming import TRACKER, checkpoint_dir, parallel_sizes, parse_rank_dir, rank_file_relpath
+from megatron.checkpoint.naming import DISTRIB_OPTIM, TRACKER, checkpoint_dir, parallel_sizes, parse_rank_dir, rank_file_relpath
 from megatron.checkpoint.protocol import committed_dir, read_tracker, torch_load, write_checkpoint_files
 from megatron.checkpoint.tokenizer import tokenizer_vocab_size
 from megatron.core.errors import UserError
 from megatron.core.tokenizer import vocab_size_with_padding
 
-# Top-level keys of a checkpoint that survive conversion; everything else (optimizer, rng_state) is
-# layout-specific and dropped.
+# Top-level keys of a checkpoint that survive conversion; `optimizer` also does when the distributed
+# optimizer's state comes with it (OPTIM_KEY), everything else (rng_state, config) is layout-specific.
 KEPT_KEYS = ("args", "iteration", "checkpoint_version", "model", "train_state", "consumed_train_samples",
              "consumed_valid_samples", "opt_param_scheduler", "random_ltd")
+OPTIM_KEY = "distrib_optim"  # in memory only: a rank's distrib_optim.pt, beside its model_optim_rng.pt keys
 # args that must agree between the rank files of one checkpoint
 SHAPE_ARGS = ("model_type", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "swiglu",
               "untie_embeddings_and_output_weights", "padded_vocab_size", "tensor_model_parallel_size",
               "pipeline_model_parallel_size", "bert_binary_head")
 RESUME_HINT = "continue training from it with --no-load-optim --no-load-rng, or --finetune"
+RESUME_HINT_WITH_OPTIM = "continue training from it with --no-load-rng"
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")  # [V, h]
 VOCAB_BIASES = ("output_layer.bias",)  # [V], BERT's MLM logits
 
@@ -52,7 +62,7 @@ class ShardedCheckpoint:
     iteration: int
     tp: int
     pp: int
-    files: Dict[Rank, dict]  # the loaded model_optim_rng.pt of every rank
+    files: Dict[Rank, dict]  # the loaded model_optim_rng.pt of every rank (and its distrib_optim.pt, OPTIM_KEY)
 
 
 def _rank_relpath(tp_rank: int, stage: int, pp: int) -> str:
@@ -61,17 +71,18 @@ def _rank_relpath(tp_rank: int, stage: int, pp: int) -> str:
 
 
 def _load(path: str) -> dict:
-    """mmap when the file allows it (the optimizer states we drop are never read into memory); a pickled
-    payload or a damaged file is a one-line UserError (protocol.torch_load)."""
+    """mmap when the file allows it (the states we drop are never read into memory); a pickled payload or
+    a damaged file is a one-line UserError (protocol.torch_load)."""
     try:
         return torch_load(path, mmap=True)
     except UserError:
         return torch_load(path)  # a file in torch's old non-zip format cannot be mapped
 
 
-def read_checkpoint(root: str, iteration: Optional[int] = None) -> ShardedCheckpoint:
+def read_checkpoint(root: str, iteration: Optional[int] = None, optimizer: bool = False) -> ShardedCheckpoint:
     """Load every rank's file of the latest (or given) iteration; the layout comes from the saved args,
-    or from the rank folders when the args do not say."""
+    or from the rank folders when the args do not say. With `optimizer`, each rank's distrib_optim.pt too
+    (under OPTIM_KEY), when the checkpoint has them."""
     if iteration is None:
         iteration = read_tracker(root)
         if iteration is None:
@@ -111,21 +122,71 @@ def read_checkpoint(root: str, iteration: Optional[int] = None) -> ShardedCheckp
         if differ:
             raise UserError(f"{path} disagrees with rank (0, 0) on {differ[0]}: {theirs.get(differ[0])!r} vs "
                             f"{args.get(differ[0])!r}; the rank files come from different runs")
+    if optimizer:
+        _read_distrib_optim(folder, files, pp)
     return ShardedCheckpoint(root, iteration, tp, pp, files)
+
+
+def _read_distrib_optim(folder: str, files: Dict[Rank, dict], pp: int) -> None:
+    """Put each rank's distrib_optim.pt under OPTIM_KEY of its dict: all ranks or none must have one, and
+    only beside an optimizer entry saved with --use-distributed-optimizer."""
+    paths = {r: os.path.join(folder, os.path.dirname(_rank_relpath(*r, pp)), DISTRIB_OPTIM) for r in files}
+    have = {r for r, path in paths.items() if os.path.isfile(path)}
+    if not have:
+        return
+    if have != set(files):
+        missing = paths[min(set(files) - have)]
+        raise UserError(f"{missing} is missing, but other rank folders hold one; the checkpoint is incomplete")
+    for rank in sorted(files):
+        state = _load(paths[rank])
+        if not isinstance(state, dict) or not isinstance(state.get("param"), dict):
+            raise UserError(f"{paths[rank]} holds no optimizer state of --use-distributed-optimizer")
+        if not (files[rank].get("optimizer") or {}).get("distributed"):
+            raise UserError(f"{paths[rank]} sits beside an optimizer state saved without --use-distributed-optimizer; "
+                            "the rank folder mixes files of different runs")
+        files[rank][OPTIM_KEY] = state
 
 
 def _with_layout(args: dict, tp: int, pp: int) -> dict:
     return {**args, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
 
 
+def _per_param(state: dict) -> Dict[str, dict]:
+    """The entries of a distrib_optim.pt that are per-parameter state dicts (param, exp_avg, exp_avg_sq)."""
+    return {k: v for k, v in state.items() if isinstance(v, dict)}
+
+
+def _merge_distrib_optim(sharded: ShardedCheckpoint, args: dict) -> dict:
+    """Every rank's distrib_optim.pt -> one for TP=1 PP=1: each per-parameter state dict merged exactly as
+    the model; the scalars (`step`) must agree between the ranks."""
+    states = {r: f[OPTIM_KEY] for r, f in sharded.files.items()}
+    head = states[(0, 0)]
+    names = list(_per_param(head))
+    out = {k: v for k, v in head.items() if k not in names}  # the scalars
+    for rank, state in sorted(states.items()):
+        theirs = {k: v for k, v in state.items() if k not in names}
+        if set(state) != set(head) or theirs != {k: out[k] for k in theirs}:
+            raise UserError(f"the {DISTRIB_OPTIM} of (TP rank, stage) {rank} and (0, 0) differ: {sorted(state)} "
+                            f"{theirs} vs {sorted(head)} {out}; the rank files come from different runs")
+    for key in names:
+        try:
+            out[key] = merge_model({r: s[key] for r, s in states.items()}, args, sharded.tp, sharded.pp)
+        except UserError as e:
+            raise UserError(f"{DISTRIB_OPTIM}, {key!r}: {e}") from None
+    return out
+
+
 def merge_checkpoint(sharded: ShardedCheckpoint) -> dict:
-    """The unsharded checkpoint (TP=1 PP=1): merged model, args, iteration and counters."""
+    """The unsharded checkpoint (TP=1 PP=1): merged model, args, iteration and counters, and the merged
+    distributed optimizer's state with its `optimizer` entry when the ranks carry one (OPTIM_KEY)."""
     head = sharded.files[(0, 0)]
     args = head.get("args") or {}
     model = merge_model({r: f["model"] for r, f in sharded.files.items()}, args, sharded.tp, sharded.pp)
     out = {k: head[k] for k in KEPT_KEYS if k in head}
     out.update(args=_with_layout(args, 1, 1), model=model)
     out.setdefault("iteration", sharded.iteration)
+    if OPTIM_KEY in head:
+        out.update(optimizer=head["optimizer"], **{OPTIM_KEY: _merge_distrib_optim(sharded, args)})
     return out
 
 
@@ -136,37 +197,64 @@ def load_merged_checkpoint(root: str, iteration: Optional[int] = None) -> dict:
 
 
 def split_checkpoint(ckpt: dict, tp: int, pp: int) -> Dict[Rank, dict]:
-    """An unsharded checkpoint dict -> one file's contents per (TP rank, stage) of the target layout."""
-    models = split_model(ckpt["model"], ckpt.get("args") or {}, tp, pp)
+    """An unsharded checkpoint dict -> one file's contents per (TP rank, stage) of the target layout (with
+    its distrib_optim.pt under OPTIM_KEY when `ckpt` carries the distributed optimizer's state)."""
+    args = ckpt.get("args") or {}
+    models = split_model(ckpt["model"], args, tp, pp)
     base = {k: ckpt[k] for k in KEPT_KEYS if k in ckpt and k != "model"}
-    base["args"] = _with_layout(ckpt.get("args") or {}, tp, pp)
-    return {rank: {**base, "model": model} for rank, model in models.items()}
+    base["args"] = _with_layout(args, tp, pp)
+    files = {rank: {**base, "model": model} for rank, model in models.items()}
+    if OPTIM_KEY in ckpt:
+        state = ckpt[OPTIM_KEY]
+        split = {key: split_model(sd, args, tp, pp) for key, sd in _per_param(state).items()}
+        scalars = {k: v for k, v in state.items() if k not in split}
+        for rank, payload in files.items():
+            payload.update(optimizer=ckpt["optimizer"],
+                           **{OPTIM_KEY: {**{key: split[key][rank] for key in split}, **scalars}})
+    return files
 
 
 def write_checkpoint(root: str, iteration: int, files: Dict[Rank, dict], pp: int, report=print) -> None:
-    """Write every rank's file with the trainer's crash-safe protocol (`protocol.write_checkpoint_files`:
-    `iter_X.tmp/`, fsynced `.part` files, an existing `iter_X` kept as `.old` until the tracker, written
-    last, names the new one). A failure or a crash at any point leaves the previous checkpoint loadable."""
-    by_path = {_rank_relpath(t, p, pp): payload for (t, p), payload in sorted(files.items())}
+    """Write every rank's file, and its distrib_optim.pt beside it when it carries one (OPTIM_KEY), with the
+    trainer's crash-safe protocol (`protocol.write_checkpoint_files`: `iter_X.tmp/`, fsynced `.part` files,
+    an existing `iter_X` kept as `.old` until the tracker, written last, names the new one). A failure or
+    a crash at any point leaves the previous checkpoint loadable."""
+    by_path = {}
+    for (t, p), payload in sorted(files.items()):
+        rel = _rank_relpath(t, p, pp)
+        by_path[rel] = {k: v for k, v in payload.items() if k != OPTIM_KEY}
+        if OPTIM_KEY in payload:
+            by_path[os.path.join(os.path.dirname(rel), DISTRIB_OPTIM)] = payload[OPTIM_KEY]
     write_checkpoint_files(root, iteration, by_path, report)
 
 
 # ---- vocabulary padding --------------------------------------------------------------------------------
-def repad_vocab(ckpt: dict, padded: int, true_vocab: int) -> dict:
-    """An unsharded checkpoint with `padded` vocabulary rows: padding rows (>= `true_vocab`) are dropped or
-    added as zeros; the tokenizer's rows are kept bit for bit."""
-    model = dict(ckpt["model"])
+def _repad_rows(state: dict, padded: int, true_vocab: int) -> dict:
+    """A state dict whose vocabulary tensors have `padded` rows (see `repad_vocab`)."""
+    state = dict(state)
     for key in VOCAB_KEYS + VOCAB_BIASES:
-        if key in model:
-            rows = model[key]
+        if key in state:
+            rows = state[key]
             if true_vocab > rows.shape[0]:
                 raise UserError(f"the tokenizer has {true_vocab} ids but {key} only {rows.shape[0]} rows; "
                                 "check --true-vocab-size")
             if padded <= rows.shape[0]:
-                model[key] = rows[:padded].clone()
+                state[key] = rows[:padded].clone()
             else:
-                model[key] = torch.cat([rows, rows.new_zeros(padded - rows.shape[0], *rows.shape[1:])])
-    return {**ckpt, "model": model, "args": {**(ckpt.get("args") or {}), "padded_vocab_size": padded}}
+                state[key] = torch.cat([rows, rows.new_zeros(padded - rows.shape[0], *rows.shape[1:])])
+    return state
+
+
+def repad_vocab(ckpt: dict, padded: int, true_vocab: int) -> dict:
+    """An unsharded checkpoint with `padded` vocabulary rows: padding rows (>= `true_vocab`) are dropped or
+    added as zeros; the tokenizer's rows are kept bit for bit. The distributed optimizer's per-parameter
+    states follow the same rule: a new padding row starts with zero fp32 weights and zero moments."""
+    out = {**ckpt, "model": _repad_rows(ckpt["model"], padded, true_vocab),
+           "args": {**(ckpt.get("args") or {}), "padded_vocab_size": padded}}
+    if OPTIM_KEY in ckpt:
+        state = ckpt[OPTIM_KEY]
+        out[OPTIM_KEY] = {**state, **{k: _repad_rows(sd, padded, true_vocab) for k, sd in _per_param(state).items()}}
+    return out
 
 
 def convert_checkpoint(load: str, save: str, tp: int, pp: int, iteration: Optional[int] = None,
@@ -179,7 +267,7 @@ def convert_checkpoint(load: str, save: str, tp: int, pp: int, iteration: Option
         raise UserError("--save must differ from --load: converting in place would replace the source")
     if true_vocab_size is not None and true_vocab_size < 1:
         raise UserError(f"--true-vocab-size must be >= 1, got {true_vocab_size}")
-    sharded = read_checkpoint(load, iteration)
+    sharded = read_checkpoint(load, iteration, optimizer=True)
     merged = merge_checkpoint(sharded)
     old_vocab = merged["model"]["embedding.word_embeddings.weight"].shape[0]
     true_vocab = true_vocab_size or tokenizer_vocab_size(merged["args"])
@@ -189,8 +277,12 @@ def convert_checkpoint(load: str, save: str, tp: int, pp: int, iteration: Option
     files = split_checkpoint(merged, tp, pp)  # validates the target sizes before anything is written
     os.makedirs(save, exist_ok=True)
     write_checkpoint(save, sharded.iteration, files, pp)
-    dropped = sorted(set(sharded.files[(0, 0)]) - set(KEPT_KEYS))
+    optim = merged.get(OPTIM_KEY)
+    kept = set(KEPT_KEYS) | ({"optimizer", OPTIM_KEY} if optim is not None else set())
+    dropped = sorted(set(sharded.files[(0, 0)]) - kept)
     return {"iteration": sharded.iteration, "source": (sharded.tp, sharded.pp), "target": (tp, pp),
             "parameters": sum(v.numel() for v in merged["model"].values()), "files": len(files),
             "dropped": dropped, "vocab": (old_vocab, merged["model"]["embedding.word_embeddings.weight"].shape[0]),
-            "true_vocab": true_vocab}
+            "true_vocab": true_vocab,
+            "distrib_optim": None if optim is None else {"states": list(_per_param(optim)), "step": optim.get("step")},
+            "resume_hint": RESUME_HINT if optim is None else RESUME_HINT_WITH_OPTIM}

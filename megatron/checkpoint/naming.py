@@ -14,6 +14,7 @@ from typing import Iterable, Optional, Tuple
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
+DISTRIB_OPTIM = "distrib_optim.pt"  # beside MODEL_FILE: the distributed optimizer's gathered state
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})(?:\.(tmp|old))?$")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 

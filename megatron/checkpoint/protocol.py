@@ -55,7 +55,7 @@ def committed_dir(root: str, iteration: int) -> str:
     return final
 
 
-def _committed_file(root: str, iteration: int, tp_rank: int, pp_rank: Optional[int]) -> str:
+def committed_file(root: str, iteration: int, tp_rank: int, pp_rank: Optional[int]) -> str:
     return os.path.join(committed_dir(root, iteration), rank_file_relpath(tp_rank, pp_rank))
 
 
@@ -151,10 +151,12 @@ def check_save_dir(root: Optional[str]) -> None:
 
 
 def save_checkpoint(root: str, iteration: int, state: dict, tp_rank: int = 0, pp_rank: Optional[int] = None,
-                    writer: bool = True, report: Callable[[str], None] = print) -> str:
+                    writer: bool = True, report: Callable[[str], None] = print,
+                    extra_files: Optional[Dict[str, dict]] = None) -> str:
     """Write this rank's `state` as iteration `iteration` under `root`; every rank calls it.
 
-    Ranks with `writer` (data-parallel rank 0 of each (tp, pp) pair) write their file. Returns the final
+    Ranks with `writer` (data-parallel rank 0 of each (tp, pp) pair) write their file, and `extra_files`
+    ({file name: contents}, e.g. `distrib_optim.pt`) beside it, under the same protocol. Returns the final
     path of this rank's file. A failed write on any rank raises UserError on every rank and leaves the
     previous checkpoint and the tracker as they were.
     """
@@ -175,6 +177,8 @@ def save_checkpoint(root: str, iteration: int, state: dict, tp_rank: int = 0, pp
         try:
             os.makedirs(os.path.dirname(tmp_file), exist_ok=True)
             write_durably({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, tmp_file)
+            for name, contents in (extra_files or {}).items():
+                write_durably(contents, os.path.join(os.path.dirname(tmp_file), name))
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below, or the others hang
             error = e
     if not all_ranks_ok(error is None):
@@ -324,7 +328,7 @@ def load_checkpoint(root: str, iteration: Optional[int] = None, tp_rank: int = 0
         iteration = read_tracker(root)
         if iteration is None:
             return None
-    path = _committed_file(root, iteration, tp_rank, pp_rank)
+    path = committed_file(root, iteration, tp_rank, pp_rank)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint file {path} is missing; the checkpoint at {root} is incomplete")
     ckpt = torch_load(path)

@@ -5,25 +5,34 @@ its tools read ours:
 
     args                    the run's flags with Megatron's names (a plain dict, derived values filled in)
     config                  the resolved RunConfig, section by section, as plain dicts
-    model                   this rank's state dict (stage-local layer numbers, TP shards)
-    optimizer               this rank's optimizer state (Adam moments, loss scaler)
+    model                   this rank's state dict (stage-local layer numbers, TP shards), in the
+                            parameter dtype (bf16/fp16 weights under --bf16/--fp16, as Megatron's)
+    optimizer               this rank's optimizer state: Adam moments, the fp32 main parameters of a
+                            16-bit model (`fp32_from_fp16_params`), the loss scaler
     opt_param_scheduler     LR schedule lengths and progress (successful steps only, as Megatron counts)
     rng_state               python, numpy, torch, cuda and the tensor-parallel tracker's streams
     train_state             iteration and counters (state.py); consumed_*_samples also at the top level
     random_ltd              consumed_layer_tokens and `current_value`: r_t, under DeepSpeed's key
     iteration, checkpoint_version
 
+With `--use-distributed-optimizer` the Adam moments and fp32 main parameters are sharded over the DP
+ranks; they are gathered into `distrib_optim.pt` beside the model file (Megatron's legacy name), per
+parameter and in model space ({"param"|"exp_avg"|"exp_avg_sq": {name: tensor}, "step"}), so the file
+loads at any data-parallel size and tools/checkpoint_util.py re-splits it for another TP/PP.
+
 Resume checks what makes a checkpoint unusable before touching the model: another TP x PP layout
 (convert it with tools/checkpoint_util.py) or other model flags (model_args.check_model_flags), then
 loads strictly. `--finetune` takes the weights only.
 """
 
+import os
 import time
 from typing import Callable, Mapping, Optional
 
 import torch
 
 from megatron.checkpoint import protocol
+from megatron.checkpoint.naming import DISTRIB_OPTIM
 from megatron.checkpoint.model_args import check_model_flags, describe_state_dict_mismatch
 from megatron.checkpoint.rng import get_rng_state_with_tracker, set_rng_state_with_tracker
 from megatron.core import parallel_state as ps
@@ -32,13 +41,21 @@ from megatron.core.errors import UserError
 Report = Callable[[str], None]
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A parameter that is a view into the distributed optimizer's flat buffer, copied out: torch.save would
+    otherwise write the whole buffer for it."""
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.detach().clone()
+    return t
+
+
 def training_state(args: Mapping, config: dict, model: torch.nn.Module, optimizer, scheduler: dict,
                    train_state: dict, kept_length: int) -> dict:
     """This rank's checkpoint contents (see the module docstring); `kept_length` is r of the last iteration."""
     return {
         "args": dict(args),
         "config": config,
-        "model": model.state_dict(),
+        "model": {k: _compact(v) for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "opt_param_scheduler": scheduler,
         "rng_state": get_rng_state_with_tracker(),
@@ -55,11 +72,22 @@ def _rank_file():
     return ps.get_tensor_model_parallel_rank(), (ps.get_pipeline_model_parallel_rank() if pp > 1 else None)
 
 
-def save(root: str, iteration: int, state: dict, writer: bool, report: Report) -> None:
-    """Every rank calls it; `writer` ranks (DP rank 0 of each model-parallel rank) write their file."""
+def distrib_optim_files(optimizer) -> dict:
+    """{"distrib_optim.pt": the gathered optimizer shards} on the writer, {} elsewhere or when the optimizer
+    is not distributed. Every data-parallel rank must call it (the gather is collective)."""
+    if not optimizer.distributed:
+        return {}
+    state = optimizer.gather_state()
+    return {} if state is None else {DISTRIB_OPTIM: state}
+
+
+def save(root: str, iteration: int, state: dict, writer: bool, report: Report,
+         extra_files: Optional[dict] = None) -> None:
+    """Every rank calls it; `writer` ranks (DP rank 0 of each model-parallel rank) write their files."""
     t0 = time.perf_counter()
     report(f"saving checkpoint at iteration {iteration:7d} to {root} in torch format")
-    protocol.save_checkpoint(root, iteration, state, *_rank_file(), writer=writer, report=report)
+    protocol.save_checkpoint(root, iteration, state, *_rank_file(), writer=writer, report=report,
+                             extra_files=extra_files)
     report(f"  successfully saved checkpoint at iteration {iteration:7d} to {root} "
            f"[ t {time.perf_counter() - t0:.2f}s ]")
 
@@ -97,6 +125,8 @@ def load(root: str, args: Mapping, model: torch.nn.Module, optimizer, *, fallbac
     except RuntimeError as e:  # flags the checkpoint does not record (older checkpoints), or a foreign one
         detail = describe_state_dict_mismatch(model.state_dict(), ckpt["model"])
         raise UserError(f"{where} does not fit this model: {detail or ' '.join(str(e).split())[:300]}") from None
+    if finetune or not load_optim:
+        optimizer.reload_model_params()  # else the first step writes the initial main params back
     if finetune:
         report(f" loaded weights from {root} at iteration {iteration} (finetune: iteration, optimizer and "
                "counters reset)")
@@ -105,7 +135,17 @@ def load(root: str, args: Mapping, model: torch.nn.Module, optimizer, *, fallbac
         if "optimizer" not in ckpt:
             raise UserError(f"checkpoint in {root} has no optimizer state (a converted checkpoint?); "
                             "add --no-load-optim --no-load-rng, or --finetune")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if optimizer.distributed:
+            path = os.path.join(os.path.dirname(protocol.committed_file(root, iteration, *_rank_file())),
+                                DISTRIB_OPTIM)
+            if not os.path.isfile(path):
+                raise UserError(f"{where} has no {DISTRIB_OPTIM} beside {os.path.basename(path)}; it is "
+                                "incomplete, or add --no-load-optim")
+            optimizer.load_gathered_state(protocol.torch_load(path), where)
     if load_rng:
         if "rng_state" not in ckpt:
             raise UserError(f"checkpoint in {root} has no RNG state; add --no-load-rng")

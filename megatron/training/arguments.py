@@ -87,8 +87,25 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
                    action="store_false")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters, fp32 main parameters and gradients")
+    g.add_argument("--fp16", action="store_true", help="fp16 parameters and fp32 main parameters, loss scaling")
+
+    g = p.add_argument_group("mixed precision and data parallelism (docs/training.md)")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="accumulate and reduce gradients in fp32 (always with --bf16 unless --grad-reduce-in-bf16)")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="with --bf16: accumulate and reduce gradients in bf16 (half the buffer and traffic)")
+    g.add_argument("--fp32-residual-connection", action="store_true",
+                   help="keep the residual stream and pipeline messages fp32 under --bf16/--fp16")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard fp32 main parameters and Adam state over the data-parallel ranks (ZeRO-1)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce each gradient bucket while backward computes the earlier layers")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: gather updated parameters during the next forward")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="elements per gradient bucket (default: max(40M, 1M x dp) with --overlap-grad-reduce, "
+                        "else one bucket)")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"])
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -177,7 +194,7 @@ RANGES = {
     "num_workers": _GE0, "micro_batch_size": _POS, "global_batch_size": _POS, "train_iters": _POS,
     "train_samples": _POS, "train_tokens": _POS, "train_layer_tokens": _POS, "exit_interval": _POS,
     "exit_duration_in_mins": _POS, "seed": _GE0, "tensor_model_parallel_size": _GE1,
-    "pipeline_model_parallel_size": _GE1, "recompute_num_layers": _GE1,
+    "pipeline_model_parallel_size": _GE1, "recompute_num_layers": _GE1, "ddp_bucket_size": _POS,
     # learning rate
     "lr": _GE0, "min_lr": _GE0, "lr_warmup_iters": _GE0, "lr_warmup_samples": _GE0, "lr_warmup_tokens": _GE0,
     "lr_warmup_fraction": _FRACTION, "lr_decay_iters": _POS, "lr_decay_samples": _POS, "lr_decay_tokens": _POS,

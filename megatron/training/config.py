@@ -81,9 +81,19 @@ class TrainingConfig:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     @property
-    def autocast_dtype(self) -> Optional[torch.dtype]:
-        """The autocast dtype of the forward pass; None for fp32."""
-        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
+    def params_dtype(self) -> torch.dtype:
+        """The model's parameters (and, without --fp32-residual-connection, its activations)."""
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+
+@dataclass(frozen=True)
+class DistributedDataParallelConfig:
+    """Gradient buffers and their reduction (megatron/core/distributed)."""
+    grad_reduce_in_fp32: bool  # main_grad fp32 (--accumulate-allreduce-grads-in-fp32; bf16's default)
+    overlap_grad_reduce: bool
+    overlap_param_gather: bool
+    use_distributed_optimizer: bool
+    bucket_size: Optional[int]  # elements; None = one bucket per buffer
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ class RunConfig:
     lr: LRScheduleConfig  # in schedule progress units (samples, or dense-equivalent samples)
     run: RunLength  # iterations, budget, random-LTD set and MSLG schedule
     parallel: ParallelConfig
+    ddp: DistributedDataParallelConfig
     training: TrainingConfig
     logging: LoggingConfig
     checkpoint: CheckpointConfig
@@ -179,6 +190,16 @@ def _check_cross_flags(f: argparse.Namespace) -> None:
         raise UserError("--save-interval needs --save DIR")
     if f.num_query_groups is not None and not f.group_query_attention:
         raise UserError("--num-query-groups needs --group-query-attention")
+    if f.overlap_param_gather and not f.use_distributed_optimizer:
+        raise UserError("--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are "
+                        "gathered); add it, or drop --overlap-param-gather")
+    if f.grad_reduce_in_bf16 and not f.bf16:
+        raise UserError("--grad-reduce-in-bf16 needs --bf16" + (" (fp16 gradients are reduced in fp16 unless "
+                        "--accumulate-allreduce-grads-in-fp32)" if f.fp16 else ""))
+    if f.grad_reduce_in_bf16 and f.accumulate_allreduce_grads_in_fp32:
+        raise UserError("--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 contradict; give one")
+    if f.fp32_residual_connection and not (f.bf16 or f.fp16):
+        raise UserError("--fp32-residual-connection needs --bf16 or --fp16 (in fp32 the residual is fp32 already)")
     if not f.initial_loss_scale >= f.min_loss_scale:
         raise UserError(f"--initial-loss-scale {f.initial_loss_scale:g} is below --min-loss-scale "
                         f"{f.min_loss_scale:g}; raise the first or lower the second")
@@ -233,7 +254,7 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
     if model_type is not None:
         args["model_type"] = model_type
     # model_type "bert": the bidirectional encoder; recomputation is this run's, not the checkpoint's model
-    model = transformer_config_from_args(args, **recompute)
+    model = transformer_config_from_args(args, **recompute, fp32_residual_connection=f.fp32_residual_connection)
 
     lr = LRScheduleConfig(f.lr, f.min_lr, f.lr_decay_style, *schedule_lengths(
         global_batch_size=G, seq_length=f.seq_length, train_samples=run.decay_default_samples,
@@ -244,7 +265,15 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
         lr=f.lr, weight_decay=f.weight_decay, adam_beta1=f.adam_beta1, adam_beta2=f.adam_beta2, adam_eps=f.adam_eps,
         clip_grad=f.clip_grad, fp16=f.fp16, loss_scale=f.loss_scale, initial_loss_scale=f.initial_loss_scale,
         min_loss_scale=f.min_loss_scale, loss_scale_window=f.loss_scale_window, hysteresis=f.hysteresis,
-        check_for_nan=f.check_for_nan_in_loss_and_grad)
+        check_for_nan=f.check_for_nan_in_loss_and_grad, use_distributed_optimizer=f.use_distributed_optimizer)
+    # Megatron: bf16 accumulates and reduces gradients in fp32 unless --grad-reduce-in-bf16; fp16 and fp32
+    # in the parameter dtype unless --accumulate-allreduce-grads-in-fp32
+    bucket = f.ddp_bucket_size or (max(40_000_000, 1_000_000 * dp) if f.overlap_grad_reduce else None)
+    ddp = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=f.accumulate_allreduce_grads_in_fp32 or (f.bf16 and not f.grad_reduce_in_bf16),
+        overlap_grad_reduce=f.overlap_grad_reduce, overlap_param_gather=f.overlap_param_gather,
+        use_distributed_optimizer=f.use_distributed_optimizer, bucket_size=bucket)
+    args["accumulate_allreduce_grads_in_fp32"] = ddp.grad_reduce_in_fp32
     return RunConfig(
         model=model,
         tokenizer=tokenizer_config_from_args(f),
@@ -254,6 +283,7 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
         lr=lr,
         run=run,
         parallel=ParallelConfig(tp, pp, dp, f.distributed_backend),
+        ddp=ddp,
         training=TrainingConfig(f.micro_batch_size, G, G // (f.micro_batch_size * dp), f.seed, f.bf16, f.fp16,
                                 f.check_for_nan_in_loss_and_grad, f.exit_interval, f.exit_duration_in_mins,
                                 f.exit_signal_handler),

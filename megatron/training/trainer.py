@@ -9,12 +9,14 @@ One training step, file by file:
     `random_ltd/plan.py` (r_t and the global sample ids that key the draw, so every layout drops the
     same tokens).
  3. `pipeline_parallel/schedules.py` runs every micro-batch forward and backward (no pipelining, or 1F1B),
-    calling the entry point's `forward_step` (pretrain_gpt_ltd.py) under this run's autocast; the
-    data-parallel gradient all-reduce overlaps the last backward (`distributed/ddp.py`).
+    calling the entry point's `forward_step` (pretrain_gpt_ltd.py) on the model in its parameter dtype;
+    gradients accumulate into the fp32 `main_grad` buffers, which are reduced over the data-parallel
+    group after the last backward (`distributed/ddp.py`; all-reduce, or reduce-scatter of shards).
  4. `models/gpt.py` -> `transformer/block.py`, where a layer of the LTD set runs on its kept tokens only
     (`random_ltd/routing.py`: gather, run, scatter).
  5. The tied-embedding gradients are summed between the first and last stage; `optimizer/optimizer.py`
-    steps (overflow check and clipping across model-parallel ranks).
+    steps its fp32 main parameters (overflow check and clipping across the ranks), writes them back into
+    the bf16/fp16 model and, with the distributed optimizer, all-gathers the updated shards.
  6. Counters advance (`state.py`); losses are reduced over micro-batches and DP ranks (`metrics.py`); the
     last stage's first rank logs (`logging.py`); then evaluation and checkpoints (`megatron/checkpoint/`).
 
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader
 from megatron.checkpoint import training as checkpoint
 from megatron.core import parallel_state as ps
 from megatron.core.datasets.samplers import PretrainingSampler
-from megatron.core.distributed import DataParallelGradSync, allreduce_grads_in_group
+from megatron.core.distributed import DataParallelGradSync
 from megatron.core.errors import UserError
 from megatron.core.optimizer.optimizer import Optimizer
 from megatron.core.pipeline_parallel import ForwardStep, get_forward_backward_func
@@ -70,7 +72,8 @@ class Trainer:
                  signals: Optional[SignalRecorder] = None, deadline: Optional[Deadline] = None):
         c = self.config = config
         self.device = ps.get_device()
-        self.model = model.to(self.device)
+        # Megatron's Float16Module: the whole stage in the parameter dtype (bf16/fp16 weights feed the GEMMs)
+        self.model = model = model.to(self.device, c.training.params_dtype)
         self.forward_step = forward_step
         self.train_ds, self.valid_ds, self.test_ds = datasets
         self.run, self.s, self.L = c.run, c.model.seq_length, c.model.num_layers
@@ -88,13 +91,20 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None  # "iteration N in DIR": the newest loaded or saved
         self._stop_reason: list = []
         self._memory_reported = False  # CUDA: the memory line is printed once, after the first log
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.grad_sync = DataParallelGradSync(params, group=ps.get_data_parallel_group()) if dp > 1 else None
+        d = c.ddp
+        tied = self._tied_weight()
+        self.grad_sync = DataParallelGradSync(
+            model.parameters(), group=ps.get_data_parallel_group(),
+            grad_dtype=torch.float32 if d.grad_reduce_in_fp32 else None, bucket_numel=d.bucket_size,
+            overlap_grad_reduce=d.overlap_grad_reduce, distributed_optimizer=d.use_distributed_optimizer,
+            overlap_param_gather=d.overlap_param_gather, own_bucket=[tied] if tied is not None else [])
+        self.grad_sync.register_gather_hooks(model)
         self.forward_backward = get_forward_backward_func()
-        # The activation passed between pipeline stages is the residual stream, which autocast leaves in
-        # fp32 (only the matmul outputs are half precision; the residual add promotes them back).
-        self.tensor_shape, self.tensor_dtype = (self.mbs, self.s, c.model.hidden_size), torch.float32
-        self.optimizer = Optimizer(model, c.optimizer)
+        # The activation passed between pipeline stages is the residual stream: the parameter dtype, or fp32
+        # with --fp32-residual-connection.
+        self.tensor_shape = (self.mbs, self.s, c.model.hidden_size)
+        self.tensor_dtype = torch.float32 if c.model.fp32_residual_connection else c.training.params_dtype
+        self.optimizer = Optimizer(model, c.optimizer, self.grad_sync)
         self.state = TrainState()
         logging = is_logging_rank()
         self.logger = RunLogger(c.logging.log_json if logging else None,
@@ -103,11 +113,14 @@ class Trainer:
     # ---- checkpoints (megatron/checkpoint/training.py) ----------------------------------------------
     def save(self) -> None:
         it, root = self.state.iteration, self.config.checkpoint.save
+        self.grad_sync.finish_param_sync()  # --overlap-param-gather: the weights of the last step
         state = checkpoint.training_state(
             self.config.args, self.config.as_dict(), self.model, self.optimizer,
             self.config.lr.state_dict(self.sched_samples, self.sched_layer_tokens), self.state.state_dict(),
             self.run.kept_length(max(it - 1, 0)))
-        checkpoint.save(root, it, state, writer=ps.get_data_parallel_rank() == 0, report=print_rank_0)
+        extra = checkpoint.distrib_optim_files(self.optimizer)  # every DP rank takes part in the gather
+        checkpoint.save(root, it, state, writer=ps.get_data_parallel_rank() == 0, report=print_rank_0,
+                        extra_files=extra)
         self.last_saved, self.last_checkpoint = it, f"iteration {it} in {root}"
 
     def load(self) -> None:
@@ -126,12 +139,6 @@ class Trainer:
         print_rank_0(f"  successfully loaded checkpoint from {c.load} at iteration {self.state.iteration}")
 
     # ---- steps ------------------------------------------------------------------------------------
-    def _step_forward(self, data_iterator, model):
-        """The entry point's forward_step under this run's autocast."""
-        dtype = self.config.training.autocast_dtype
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.forward_step(data_iterator, model)
-
     def _micro_batches(self, data_iter, t: Optional[int]):
         """This rank's micro-batches of iteration t, on the device, each with its random-LTD state (None in
         evaluation, t None: the full sequence)."""
@@ -140,26 +147,30 @@ class Trainer:
             batch["ltd"] = None if t is None else self.ltd.for_micro_batch(t, m, self.device)
             yield batch
 
+    def _tied_weight(self) -> Optional[torch.nn.Parameter]:
+        """This stage's copy of word embeddings tied across the first and last stage, else None."""
+        if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
+            return None
+        if not getattr(self.model, "share_embeddings", False):
+            return None
+        if ps.is_pipeline_first_stage():
+            return self.model.embedding.word_embeddings.weight
+        if ps.is_pipeline_last_stage():
+            return self.model.output_layer.weight
+        return None
+
     def _sync_tied_embeddings(self) -> None:
         """First and last stage hold copies of the tied word embeddings: sum their gradients."""
-        if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
-            return
-        if not getattr(self.model, "share_embeddings", False):
-            return
-        if ps.is_pipeline_first_stage():
-            weight = self.model.embedding.word_embeddings.weight
-        elif ps.is_pipeline_last_stage():
-            weight = self.model.output_layer.weight
-        else:
-            return
-        allreduce_grads_in_group([weight], ps.get_embedding_group())
+        weight = self._tied_weight()
+        if weight is not None:
+            self.grad_sync.allreduce_in_group(weight, ps.get_embedding_group())
 
     def train_step(self, data_iter, t: int):
         """One iteration: the schedule runs every micro-batch forward and backward, then one optimizer step."""
         self.model.train()
         self.optimizer.zero_grad()
         metrics = self.forward_backward(
-            self._step_forward, self._micro_batches(data_iter, t), self.model, self.num_micro, self.tensor_shape,
+            self.forward_step, self._micro_batches(data_iter, t), self.model, self.num_micro, self.tensor_shape,
             self.tensor_dtype, forward_only=False, loss_scale=self.optimizer.loss_scale, grad_sync=self.grad_sync)
         self._sync_tied_embeddings()
         result = self.optimizer.step()
@@ -170,10 +181,11 @@ class Trainer:
         """Mean metrics ({"lm loss": ...}) over --eval-iters global batches, full sequence (no token
         dropping); {} off the last stage."""
         self.model.eval()
+        self.grad_sync.finish_param_sync()
         it = _loader(dataset, consumed, self.mbs, self.config.training.seed, 0)
         values = []
         for _ in range(self.config.logging.eval_iters):
-            values += self.forward_backward(self._step_forward, self._micro_batches(it, None), self.model,
+            values += self.forward_backward(self.forward_step, self._micro_batches(it, None), self.model,
                                             self.num_micro, self.tensor_shape, self.tensor_dtype, forward_only=True)
         return mean_metrics(values)
 

@@ -33,6 +33,13 @@ def run_subprocess(argv, script="pretrain_gpt_ltd.py", cwd=None):
                           cwd=cwd or REPO, timeout=300)
 
 
+def assert_one_error_line(proc, needle):
+    """A refused run: exit 2 and exactly one `error:` line on stderr (no traceback) that says `needle`."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
 def read_json_lines(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -25,6 +25,7 @@ def run_recipe(script, tmp_path, **env):
             "MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", **env}
     full["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full.get("PATH", "")  # torchrun of this venv
     full.pop("WORLD_SIZE", None)
+    full = {k: v for k, v in full.items() if v is not None}  # None: leave the recipe's default
     proc = subprocess.run(["bash", os.path.join(REPO, "examples", script)], env=full, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -51,3 +52,23 @@ def test_baseline_recipe_reads_its_token_budget(tmp_path):
     assert len(recs) == 8  # 1024 tokens / (4 samples x 32 tokens)
     assert all(r["kept_length"] == 32 for r in recs)
     assert recs[-1]["consumed_layer_tokens"] == 8 * 4 * 4 * 32
+
+
+def test_recipe_defaults_to_bf16_with_the_distributed_optimizer(tmp_path):
+    """Unset PRECISION and DIST_OPT: bf16 parameters and ZeRO-1 with overlapped reduce and gather, as
+    Megatron's GPT-3 examples; here on two gloo ranks, so the optimizer state really is sharded."""
+    proc, recs = run_recipe("pretrain_gpt_1.3b_baseline.sh", tmp_path, PRECISION=None, GPUS_PER_NODE="2",
+                            TRAIN_TOKENS="1024")
+    for flag in ("bf16", "use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
+        assert re.search(rf"^  {flag} \.+ True$", proc.stdout, re.M), flag
+    assert len(recs) == 8 and recs[-1]["lm_loss"] < recs[0]["lm_loss"]
+    ranks = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "iter_0000008").iterdir())
+    assert ranks == ["mp_rank_00"]
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000008" / "mp_rank_00" / "distrib_optim.pt").is_file()
+
+
+def test_recipe_refuses_an_unknown_precision(tmp_path):
+    full = {**os.environ, **TINY_ENV, "PRECISION": "fp8", "LAUNCH": "echo"}
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples", "pretrain_gpt_1.3b_ltd.sh")], env=full,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: PRECISION must be bf16, fp16 or fp32, got 'fp8'"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.functional.gpt_cli import TINY, run_subprocess
+from tests.functional.gpt_cli import TINY, assert_one_error_line, run_subprocess
 
 FULL = ["--recompute-granularity", "full"]
 
@@ -24,9 +24,7 @@ FULL = ["--recompute-granularity", "full"]
         "uniform-over-stage", "zero-layers", "activations-and-full", "bad-granularity"])
 def test_bad_recompute_flags_one_line_no_traceback(tmp_path, flags, needle):
     proc = run_subprocess(TINY + ["--train-iters", "3", "--save", str(tmp_path / "ck")] + flags)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert_one_error_line(proc, needle)
     assert not (tmp_path / "ck").exists()
 
 

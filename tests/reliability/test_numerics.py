@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 
+from megatron.core.distributed import DataParallelGradSync
 from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig
 from tests.distributed.launcher import GLOO, run_distributed
@@ -78,9 +79,9 @@ def test_optimizer_leaves_weights_untouched_on_a_nonfinite_step():
                    OptimizerConfig(lr=0.1, check_for_nan=True)):
         model = torch.nn.Linear(4, 3)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        opt = Optimizer(model, config)
+        opt = Optimizer(model, config, DataParallelGradSync(model.parameters()))
         model(torch.ones(2, 4)).sum().backward()
-        model.weight.grad[0, 0] = float("inf")
+        model.weight.main_grad[0, 0] = float("inf")
         result = opt.step()
         assert result.skipped and result.nonfinite == (not config.fp16)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -101,6 +101,15 @@ def test_ranks_agree_on_stops_and_on_failed_saves(tmp_path):
     assert protocol.complete_iterations(str(tmp_path / "s")) == [3]
     assert protocol.read_tracker(str(tmp_path / "s")) == 3
 
+    # the same with the distributed optimizer (DP=2): the stop and the save, whose shard gather is collective,
+    # happen together; the checkpoint holds the gathered optimizer state
+    argv = TINY + GLOO + ["--train-iters", "8", "--eval-iters", "0", "--exit-signal-handler", "--use-distributed-optimizer",
+                          "--overlap-param-gather", "--save", str(tmp_path / "d"), "--log-json", str(tmp_path / "d.jsonl")]
+    run_distributed(_signal_one_rank, world_size=2, args=(argv,), hang_after_s=300)
+    assert [r["iteration"] for r in train_records(tmp_path / "d.jsonl")] == [1, 2, 3]
+    assert protocol.read_tracker(str(tmp_path / "d")) == 3
+    assert (tmp_path / "d" / "iter_0000003" / "mp_rank_00" / "distrib_optim.pt").is_file()
+
     tp2 = TINY + GLOO + ["--eval-iters", "0", "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "w"),
                          "--save-interval", "2", "--train-iters", "4"]
     run_distributed(_train_failing_writes_on_rank_1, world_size=2,

@@ -1,5 +1,6 @@
-"""Data parallelism: averaging gradients over the replicas of a model (`ddp.py`)."""
+"""Data parallelism: gradient buffers (`param_and_grad_buffer.py`) and their reduction (`ddp.py`)."""
 
-from megatron.core.distributed.ddp import DataParallelGradSync, allreduce_grads_in_group
+from megatron.core.distributed.ddp import DataParallelGradSync
+from megatron.core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer
 
-__all__ = ["DataParallelGradSync", "allreduce_grads_in_group"]
+__all__ = ["Bucket", "DataParallelGradSync", "ParamAndGradBuffer"]

@@ -1,89 +1,65 @@
-"""Data-parallel gradient averaging in flat buckets, overlapped with the step's last backward.
+"""Data-parallel gradient reduction on contiguous fp32 `main_grad` buckets, overlapped with backward.
 
 Every data-parallel replica computes gradients on its own data; before the optimizer step they are
 averaged over the DP group, which makes the update that of the mean loss over all replicas' data.
-Instead of one all-reduce per parameter (latency-bound) gradients are copied into a few flat buckets of
-about `bucket_size_mb` each and all-reduced per bucket.
 
-Overlap: a hook after each parameter's gradient accumulation marks it ready; once a bucket's parameters
-are all ready its all-reduce is launched asynchronously while backward goes on computing earlier
-layers' gradients. Parameters are bucketed in *reverse* registration order because backward produces
-gradients roughly last layer first, so the first bucket fills first.
+Gradients live in the buffers of `param_and_grad_buffer.py`: a hook after each parameter's gradient
+accumulation adds `.grad` into `param.main_grad` (a view of the buffer, fp32 by default even for bf16
+parameters) and drops `.grad`, so micro-batches accumulate in the buffer and the collective reduces the
+buffer in place. Per bucket, after the step's last backward:
 
-Gradient accumulation over micro-batches: backwards inside `no_sync()` only accumulate into .grad;
-the schedule runs the last micro-batch's backward outside it, and `finish_grad_sync()` waits for the
-launched all-reduces, reduces whatever was not launched (no overlap, or a parameter that received no
-gradient on this rank: its gradient counts as zero), and writes the averages back into .grad.
+    plain data parallelism      all-reduce (sum of grads pre-divided by dp)      every rank: all of it
+    distributed optimizer       reduce-scatter (same sum)                        each rank: its shard
 
-Buckets are launched strictly in bucket order (a ready bucket waits for the ones before it), so every
-rank issues the same sequence of collectives even when hooks fire in a different order or not at all.
+`--overlap-grad-reduce`: a bucket's collective is launched from the hooks as soon as its last parameter's
+gradient is in, while backward goes on with earlier layers. Buckets are launched strictly in bucket order
+(a ready bucket waits for the ones before it), so every rank issues the same sequence of collectives even
+when hooks fire in another order or not at all; `finish_grad_sync()` launches what is left (a parameter
+that got no gradient counts as zero) and waits.
 
-    glossary: dp = data-parallel size; a bucket = a flat buffer [n] holding the grads of a few params
+The distributed optimizer also needs the updated parameters back: `start_param_sync()` all-gathers each
+bucket's shards in place; with `--overlap-param-gather` it is only started after the step and each
+module waits for its bucket in a forward pre-hook, so the gather overlaps the next forward.
+
+    glossary: dp = data-parallel size; bucket = a [n_b] slice of a buffer reduced by one collective
 """
 
 from contextlib import contextmanager
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megatron.core import parallel_state as ps
+from megatron.core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer
 
-
-class _Bucket:
-    """A group of parameters whose gradients are reduced together through one flat buffer."""
-
-    def __init__(self, params: List[nn.Parameter]):
-        self.params = params
-        self.numel = sum(p.numel() for p in params)
-        self.buffer = torch.zeros(self.numel, dtype=params[0].dtype, device=params[0].device)  # [n]
-        self.ready: set = set()  # ids of params whose grad for the synced backward is complete
-        self.work = None  # the in-flight async all_reduce, once launched
-
-    def views(self):
-        """(param, its slice of the buffer shaped like the param)."""
-        offset = 0
-        for p in self.params:
-            yield p, self.buffer[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-
-    def launch(self, group, dp: int) -> None:
-        """Flatten the grads (None counts as zero), pre-divide by dp, start the all-reduce (sum)."""
-        for p, view in self.views():
-            if p.grad is None:
-                view.zero_()
-            else:
-                view.copy_(p.grad)
-        self.buffer.div_(dp)  # dividing before the sum keeps large fp16/bf16 sums in range
-        self.work = dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
-
-    def finish(self) -> None:
-        self.work.wait()
-        for p, view in self.views():
-            if p.grad is None:
-                p.grad = view.clone()
-            else:
-                p.grad.copy_(view)
-        self.work = None
-        self.ready.clear()
+# torch 2.13 renamed the flat collectives; older releases (the GPU machine's 2.11) have only the old names
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class DataParallelGradSync:
-    """Averages the gradients of `params` over the data-parallel group after backward.
+    """The gradient buffers of `params` and their reduction over the data-parallel group.
 
-    params:         the model's parameters (those without requires_grad are skipped)
-    group:          the group to average over; None = this rank's DP group from parallel_state
-    bucket_size_mb: target bucket size in MiB (a larger parameter gets a bucket of its own)
-    overlap:        launch each bucket's all-reduce from backward hooks as soon as it is full
+    params:               the model's parameters (those without requires_grad are skipped)
+    group:                the group to reduce over; None = this rank's DP group from parallel_state
+    grad_dtype:           dtype of `main_grad`; None = each parameter's own dtype
+    bucket_numel:         elements per bucket (None: one bucket per buffer)
+    overlap_grad_reduce:  launch each bucket's collective from backward hooks
+    distributed_optimizer: reduce-scatter instead of all-reduce, shard-padded layout, parameters in
+                          `param_data` (gathered by `start_param_sync`)
+    own_bucket:           parameters that get a bucket of their own (the tied word embedding of a
+                          pipeline stage, so first and last stage shard it alike)
 
-    Use: run all but the last micro-batch's backward inside `no_sync()`, then `finish_grad_sync()`
-    before the optimizer step (the pipeline schedules do both when given `grad_sync=`).
-    With a DP size of 1 every method is a no-op.
+    Use per step: `zero_grad_buffer()`, backwards (all but the last inside `no_sync()`),
+    `finish_grad_sync()`; the optimizer then reads `main_grad` or, distributed, its shards.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], group=None, bucket_size_mb: float = 25,
-                 overlap: bool = True):
+    def __init__(self, params: Iterable[nn.Parameter], group=None, *, grad_dtype: Optional[torch.dtype] = None,
+                 bucket_numel: Optional[int] = None, overlap_grad_reduce: bool = False,
+                 distributed_optimizer: bool = False, overlap_param_gather: bool = False,
+                 own_bucket: Iterable[nn.Parameter] = ()):
         unique = {}
         for p in params:
             if p.requires_grad:
@@ -91,35 +67,31 @@ class DataParallelGradSync:
         self.params = list(unique.values())
         self.group = group if group is not None else ps.get_data_parallel_group()
         self.dp = dist.get_world_size(self.group) if self.group is not None and dist.is_initialized() else 1
-        self.overlap = overlap
-        self._sync_enabled = True
-        self._hooks = []
-        self.buckets: List[_Bucket] = []
-        if self.dp == 1:
-            return
-        self.buckets = self._make_buckets(bucket_size_mb)
+        self.rank = dist.get_rank(self.group) if self.dp > 1 else 0
+        self.overlap_grad_reduce, self.distributed = overlap_grad_reduce, distributed_optimizer
+        self.overlap_param_gather = overlap_param_gather
+        alone = {id(p) for p in own_bucket}
+        by_kind = {}  # one buffer per (param dtype, device), in registration order
+        for p in self.params:
+            by_kind.setdefault((p.dtype, p.device), []).append(p)
+        self.buffers: List[ParamAndGradBuffer] = [
+            ParamAndGradBuffer(same, grad_dtype or same[0].dtype, bucket_numel, self.dp, distributed_optimizer,
+                               own_bucket=lambda p: id(p) in alone)
+            for same in by_kind.values()]
+        self.buckets: List[Bucket] = [b for buf in self.buffers for b in buf.buckets]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._buffer_of = {id(p): buf for buf in self.buffers for b in buf.buckets for p in b.params}
+        self._sync_enabled = True
         self._next_to_launch = 0  # buckets [0, _next_to_launch) are in flight
-        if overlap:
-            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
+        self._gather_hooks = []
 
-    def _make_buckets(self, bucket_size_mb: float) -> List[_Bucket]:
-        """Fill buckets in reverse registration order; a new dtype or device also starts a new bucket."""
-        limit = bucket_size_mb * 2 ** 20
-        buckets, current, size = [], [], 0
-        for p in reversed(self.params):
-            if current and (size >= limit or p.dtype != current[0].dtype or p.device != current[0].device):
-                buckets.append(_Bucket(current))
-                current, size = [], 0
-            current.append(p)
-            size += p.numel() * p.element_size()
-        if current:
-            buckets.append(_Bucket(current))
-        return buckets
-
+    # ---- gradients ---------------------------------------------------------------------------------
     def _on_grad_ready(self, p: nn.Parameter) -> None:
-        """Hook after p.grad was accumulated: mark it ready; launch every full bucket that is next in line."""
-        if not self._sync_enabled:
+        """After p.grad was accumulated: move it into main_grad; launch every full bucket next in line."""
+        p.main_grad.add_(p.grad)  # fp32 += bf16 upcasts exactly; fp32 + fp32 is autograd's own accumulation
+        p.grad = None
+        if not self._sync_enabled or not self.overlap_grad_reduce or self.dp == 1:
             return
         bucket = self._bucket_of[id(p)]
         if id(p) in bucket.ready or bucket.work is not None:
@@ -129,12 +101,36 @@ class DataParallelGradSync:
         bucket.ready.add(id(p))
         while (self._next_to_launch < len(self.buckets)
                and len(self.buckets[self._next_to_launch].ready) == len(self.buckets[self._next_to_launch].params)):
-            self.buckets[self._next_to_launch].launch(self.group, self.dp)
+            self._launch(self.buckets[self._next_to_launch])
             self._next_to_launch += 1
+
+    def _launch(self, bucket: Bucket) -> None:
+        """Pre-divide by dp (keeps large half-precision sums in range), then sum over the group."""
+        bucket.grad_data.div_(self.dp)
+        if self.distributed:
+            lo, hi = self.shard(bucket)
+            bucket.work = _reduce_scatter(bucket.grad_data[lo:hi], bucket.grad_data, op=dist.ReduceOp.SUM,
+                                          group=self.group, async_op=True)
+        else:
+            bucket.work = dist.all_reduce(bucket.grad_data, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
+    def shard(self, bucket: Bucket) -> tuple:
+        """[lo, hi) of this rank's shard, in bucket coordinates (the whole bucket without sharding)."""
+        if not self.distributed:
+            return 0, bucket.numel
+        lo, hi = bucket.shard_range(self.rank, self.dp)
+        return lo - bucket.start, hi - bucket.start
+
+    def shard_in_buffer(self, bucket: Bucket) -> tuple:
+        lo, hi = self.shard(bucket)
+        return bucket.start + lo, bucket.start + hi
+
+    def buffer_of(self, p: nn.Parameter) -> ParamAndGradBuffer:
+        return self._buffer_of[id(p)]
 
     @contextmanager
     def no_sync(self):
-        """Backwards inside only accumulate into .grad; nothing is communicated."""
+        """Backwards inside only accumulate into main_grad; nothing is communicated."""
         previous, self._sync_enabled = self._sync_enabled, False
         try:
             yield
@@ -142,35 +138,65 @@ class DataParallelGradSync:
             self._sync_enabled = previous
 
     def finish_grad_sync(self) -> None:
-        """Launch the buckets the hooks did not, wait for all, write the averaged grads into .grad."""
+        """Launch the buckets the hooks did not, and wait for all."""
         if self.dp == 1:
             return
         for bucket in self.buckets[self._next_to_launch:]:
-            bucket.launch(self.group, self.dp)
+            self._launch(bucket)
         for bucket in self.buckets:
-            bucket.finish()
+            bucket.work.wait()
+            bucket.work = None
+            bucket.ready.clear()
+        self._next_to_launch = len(self.buckets)
+
+    def zero_grad_buffer(self) -> None:
+        for buf in self.buffers:
+            buf.reset()
+        for p in self.params:
+            p.grad = None
         self._next_to_launch = 0
 
+    def allreduce_in_group(self, p: nn.Parameter, group) -> None:
+        """Sum p's reduced gradient over `group` (the tied word embedding over the embedding group): the
+        whole main_grad, or with the distributed optimizer only this rank's shard (p has its own bucket)."""
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return
+        if self.distributed:
+            bucket = self._bucket_of[id(p)]
+            assert bucket.params == [p], "a tied weight needs a bucket of its own under the distributed optimizer"
+            lo, hi = self.shard(bucket)
+            dist.all_reduce(bucket.grad_data[lo:hi], op=dist.ReduceOp.SUM, group=group)
+        else:
+            dist.all_reduce(p.main_grad, op=dist.ReduceOp.SUM, group=group)
 
-def allreduce_grads_in_group(params: Iterable[nn.Parameter], group) -> None:
-    """Sum the grads of `params` over `group` in place (tied word embeddings over the embedding group).
+    # ---- parameters (distributed optimizer) --------------------------------------------------------
+    def start_param_sync(self) -> None:
+        """All-gather every bucket's updated shards into param_data (asynchronously)."""
+        if not self.distributed or self.dp == 1:
+            return
+        for bucket in self.buckets:
+            lo, hi = self.shard(bucket)
+            bucket.gather_work = _all_gather(bucket.param_data, bucket.param_data[lo:hi], group=self.group,
+                                             async_op=True)
+        if not self.overlap_param_gather:
+            self.finish_param_sync()
 
-    A parameter without a grad contributes zeros and receives the sum. A None group or a group of one
-    rank does nothing.
-    """
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return
-    params = [p for p in params if p.requires_grad]
-    by_kind = {}
-    for p in params:  # one flat all-reduce per (dtype, device)
-        by_kind.setdefault((p.dtype, p.device), []).append(p)
-    for same in by_kind.values():
-        bucket = _Bucket(same)
-        for p, view in bucket.views():
-            view.copy_(p.grad) if p.grad is not None else view.zero_()
-        dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, group=group)
-        for p, view in bucket.views():
-            if p.grad is None:
-                p.grad = view.clone()
-            else:
-                p.grad.copy_(view)
+    def finish_param_sync(self, buckets: Optional[Iterable[Bucket]] = None) -> None:
+        """Wait for the parameter all-gathers (of `buckets`, default all): before evaluation and saving."""
+        for bucket in self.buckets if buckets is None else buckets:
+            if bucket.gather_work is not None:
+                bucket.gather_work.wait()
+                bucket.gather_work = None
+
+    def register_gather_hooks(self, model: nn.Module) -> None:
+        """--overlap-param-gather: each module waits for its parameters' buckets just before its forward."""
+        if not (self.distributed and self.overlap_param_gather and self.dp > 1):
+            return
+        for module in model.modules():
+            buckets = {id(self._bucket_of[id(p)]): self._bucket_of[id(p)]
+                       for p in module.parameters(recurse=False) if id(p) in self._bucket_of}
+            if buckets:
+                mine = list(buckets.values())
+                self._gather_hooks.append(module.register_forward_pre_hook(
+                    lambda _m, _a, mine=mine: self.finish_param_sync(mine)))
+

@@ -27,6 +27,7 @@ class Embedding(nn.Module):
         )
         self.tokentype_embeddings = nn.Embedding(num_tokentypes, config.hidden_size) if num_tokentypes else None
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.fp32_residual = config.fp32_residual_connection
 
     def forward(
         self,
@@ -40,4 +41,6 @@ class Embedding(nn.Module):
         if self.tokentype_embeddings is not None:
             assert token_types is not None, "a model with token types needs token_types [b, s]"
             x = x + self.tokentype_embeddings(token_types)  # [b, s, h]
+        if self.fp32_residual:
+            x = x.float()  # [b, s, h] fp32: the residual stream starts here
         return self.dropout(x)

@@ -46,6 +46,9 @@ class TransformerConfig:
     # "block" = the first recompute_num_layers layers of each pipeline stage, the rest keep theirs
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None  # with "full"; 1 when not given
+    # Keep the residual stream (embedding output, residual adds, pipeline messages) in fp32 while the
+    # parameters are bf16/fp16; the norms read it and hand their linears the parameter dtype.
+    fp32_residual_connection: bool = False
 
     def __post_init__(self):
         if self.max_position_embeddings is None:

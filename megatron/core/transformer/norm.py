@@ -1,11 +1,26 @@
-"""LayerNorm or RMSNorm, chosen by `--normalization`."""
+"""LayerNorm or RMSNorm, chosen by `--normalization`.
+
+Both return the dtype of their weight: with bf16/fp16 parameters and `--fp32-residual-connection` the
+residual stream they read is fp32, the linear after them wants the parameter dtype. That mixed case is
+computed in fp32 (as Megatron's mixed-dtype fused LayerNorm does); same-dtype inputs take torch's kernel,
+which accumulates in fp32 internally.
+"""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(self.weight.dtype)
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 for stability under bf16/fp16 autocast."""
+    """x / rms(x) * weight, computed in fp32 for stability in any parameter dtype."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -15,10 +30,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return (out * self.weight.float()).to(self.weight.dtype)
 
 
 def build_norm(config) -> nn.Module:
     if config.normalization == "RMSNorm":
         return RMSNorm(config.hidden_size, config.layernorm_epsilon)
-    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+    return LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)

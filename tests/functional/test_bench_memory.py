@@ -1,0 +1,138 @@
+"""bench/memory.py: its computed bytes equal what a real training step allocates, and both equal the
+bytes-per-parameter rules written down independently here (fp32 16·N, bf16 18·N, the distributed
+optimizer's shards of a 64-aligned, lcm(dp, 128)-padded bucket).
+
+A tiny GPT (3 layers, layer 1 drops tokens to r = 16 of s = 64), measured once per setting (about a
+second each): fp32 with dropout 0.1 (torch's math attention on the CPU), bf16 without dropout (the flash
+kernel), and bf16 with the distributed optimizer on 2 gloo ranks.
+"""
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.config import TransformerConfig
+from megatron.training.cli import run_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(REPO, "bench", "memory.py"))
+memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory)
+
+L, H, HEADS, S, B, R, VOCAB = 3, 64, 4, 64, 2, 16, 256  # NullTokenizer --vocab-size 255: 256 ids, padded 256
+TINY = ["--num-layers", str(L), "--hidden-size", str(H), "--num-attention-heads", str(HEADS), "--seq-length", str(S),
+        "--micro-batch-size", str(B), "--vocab-size", str(VOCAB - 1), "--kept-length", str(R)]
+ACT_TOLERANCE = 0.01  # relative; the CPU formula is exact today, the margin is for kernel changes in torch
+
+
+def param_numels():
+    """The tiny GPT's parameters, in registration order, counted on a model built here."""
+    config = TransformerConfig(num_layers=L, hidden_size=H, num_attention_heads=HEADS, seq_length=S, vocab_size=VOCAB)
+    return [p.numel() for p in GPTModel(config).parameters()]
+
+
+def total_params() -> int:
+    return sum(param_numels())
+
+
+def run(*extra):
+    setup, _ = memory.resolve(TINY + ["--device", "cpu"] + list(extra))  # the kernels measure() runs
+    return setup, memory.measure(setup)
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return run()
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    return run("--bf16", "--hidden-dropout", "0", "--attention-dropout", "0")
+
+
+@pytest.fixture(scope="module")
+def bf16_dist():
+    return run("--bf16", "--hidden-dropout", "0", "--attention-dropout", "0", "--world-size", "2",
+               "--use-distributed-optimizer")
+
+
+def assert_computed_equals_measured(setup, results):
+    for res in results:
+        assert memory.computed_for_rank(setup, res) == res["state"], f"rank {res['rank']}"
+
+
+def test_fp32_is_16_bytes_per_parameter(fp32):
+    setup, (res,) = fp32
+    n = total_params()
+    assert res["state"] == {"params": 4 * n, "grads": 4 * n, "main": 0, "grad_copy": 0, "adam": 8 * n}
+    assert_computed_equals_measured(setup, [res])
+
+
+def test_bf16_is_18_bytes_per_parameter(bf16):
+    setup, (res,) = bf16
+    n = total_params()
+    assert res["state"] == {"params": 2 * n, "grads": 4 * n, "main": 4 * n, "grad_copy": 0, "adam": 8 * n}
+    assert_computed_equals_measured(setup, [res])
+
+
+def test_distributed_optimizer_shards_main_and_adam_state(bf16, bf16_dist):
+    """Each of 2 ranks holds the whole padded buffers and the fp32 main params, m and v of its half of the
+    bucket: half of the plain run's optimizer state, less the padding that falls in its half."""
+    setup, results = bf16_dist
+    plain = bf16[1][0]["state"]
+    # the layout rule, independently: reverse order, starts aligned to 64, the end padded to lcm(2, 128)
+    spans, offset = [], 0
+    for numel in reversed(param_numels()):
+        offset = -(-offset // 64) * 64
+        spans.append((offset, offset + numel))
+        offset += numel
+    padded = -(-offset // math.lcm(2, 128)) * math.lcm(2, 128)
+    for rank, res in enumerate(results):
+        lo, hi = rank * padded // 2, (rank + 1) * padded // 2
+        owned = sum(max(0, min(e, hi) - max(s, lo)) for s, e in spans)
+        padding_in_half = padded // 2 - owned
+        assert res["state"] == {"params": 2 * padded, "grads": 4 * padded, "main": 4 * owned, "grad_copy": 0,
+                                "adam": 8 * owned}
+        # half the plain run's m and v, corrected by how the bucket's padding splits between the halves
+        assert res["state"]["adam"] == plain["adam"] / 2 + 8 * ((padded - total_params()) / 2 - padding_in_half)
+    assert sum(res["state"]["adam"] for res in results) == plain["adam"]
+    assert sum(res["state"]["main"] for res in results) == plain["main"]
+    assert_computed_equals_measured(setup, results)
+
+
+@pytest.mark.parametrize("which", ["fp32", "bf16", "bf16_dist"])
+def test_activation_formula_matches_saved_tensors(which, request):
+    setup, results = request.getfixturevalue(which)
+    beta = setup.config.training.params_dtype.itemsize
+    res = results[0]
+    for rec in memory.RECOMPUTE:
+        dense, ltd = memory.measured_layers(setup, res, rec)
+        for n, measured in ((S, dense), (R, ltd)):
+            computed = memory.layer_bytes(setup, n, rec)
+            assert abs(measured - computed) <= ACT_TOLERANCE * computed, (rec, n, measured, computed)
+    none, _ = memory.measured_layers(setup, res, "none")
+    full_dense, full_ltd = memory.measured_layers(setup, res, "full")
+    # full recompute keeps only each layer's [b, s, h] input, dense or LTD
+    assert full_dense == full_ltd == beta * B * S * H
+    expected = memory.layer_bytes(setup, S, "none") / memory.layer_bytes(setup, S, "full")
+    assert abs(none / full_dense - expected) <= ACT_TOLERANCE * expected
+    # an LTD layer saves less than a dense one, but more than the layer alone at r: the gather keeps its input
+    _, ltd = memory.measured_layers(setup, res, "none")
+    assert beta * B * S * H < ltd < none
+
+
+def test_cli_prints_tables_and_refuses_bad_input(capsys):
+    assert run_cli(memory.main, TINY + ["--markdown", "--all-modes"]) == 0
+    out = capsys.readouterr().out
+    assert "| bf16 | distributed, dp 1 |" in out and "| full (uniform, 1 layer) |" in out
+    big = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "2048",
+           "--micro-batch-size", "4", "--measure"]
+    for argv, needle in ((big, "too big"), (TINY + ["--kept-length", "65"], "--kept-length"),
+                         (TINY + ["--tensor-model-parallel-size", "3", "--world-size", "3"], "divisible"),
+                         (TINY + ["--measure", "--device", "cuda"], "--device cpu")):
+        assert run_cli(memory.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
