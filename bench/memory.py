@@ -19,10 +19,14 @@ Owned elements of a DP rank: the parameter elements inside its [n_b/dp] slice of
 parameter starts are aligned to 64 elements and bucket ends padded to a multiple of lcm(dp, 128).
 
 Activations per layer and micro-batch, on n tokens (n = s; n = r in a random-LTD layer), as this code
-saves them (each term is a tensor autograd keeps; storages shared by views counted once):
+saves them (each term is a tensor autograd keeps; storages shared by views counted once), in three parts:
+sequence, tensor (TP-split + attention) and routing:
 
-    replicated   b·n·h·(4β + 2μ) + 4·b·n·σ   LN1 input, LN1 output (= QKV input), LN2 input, LN2 output
-                                              (= fc1 input); two hidden-dropout masks; mean, rstd of 2 norms
+    sequence     b·n·h·(4β + 2μ) + 4·b·n·σ   LN1 input, LN1 output (= QKV input), LN2 input, LN2 output
+                 (/t with sequence parallel)  (= fc1 input); two hidden-dropout masks; mean, rstd of 2 norms:
+                                              the norms, dropouts and residual stream, replicated over TP;
+                                              --sequence-parallel keeps this rank's [b, n/t, h] chunk of
+                                              each (the column-parallel GEMMs save their input's chunk)
     TP-split     b·n·(4h + 2f)·β / t          QKV output (q, k, v are views of it), attention output
                                               (= proj input), fc1 output (= GELU input), GELU output;
                                               SwiGLU: 4f instead of 2f (fc1's [gate; up], silu(gate), product)
@@ -30,27 +34,44 @@ saves them (each term is a tensor autograd keeps; storages shared by views count
                  CPU math path (attention dropout > 0 on the CPU): 12·b·(a/t)·n² for fp32 scores,
                  dropout mask and dropped probabilities, + b·n·(12 − 3β)·h/t (fp32 copies of q, k, v
                  replace the QKV output)
-    LTD layer    + β·b·s·h + 8·b·r             `torch.gather` in random_ltd/routing.py keeps its whole
-                                              [b, s, h] input for backward; the int64 index [b, r]
+    routing      β·b·s·h + 8·b·r              LTD layer: `torch.gather` in random_ltd/routing.py keeps its
+                                              whole [b, s, h] input for backward; the int64 index [b, r]
+                 24·b·r/t                     LTD layer, sequence parallel: the int64 route of
+                                              random_ltd/sequence_parallel.py, held by its autograd nodes
+                                              (not a saved tensor): sample and chunk position of each kept
+                                              token in this rank's chunk, slot of each of its b·r/t list
+                                              entries. Chunks hold a random share of the kept tokens, so
+                                              this is the mean over the TP ranks (exact: together they send
+                                              b·r). No gather: nothing of [b, s, h] is kept
 
     selective recompute: no attention term (the checkpoint keeps q, k, v, i.e. the QKV output)
     full recompute (uniform, 1 layer per checkpoint): β·b·s·h, the layer's input, LTD layer or not
+                 (sequence parallel: β·b·s·h/t, its chunk); counted in the sequence part
 
 β = bytes of the parameter dtype; μ = dropout-mask bytes (cuda: 1, the fused kernel's bool mask; cpu: β,
 the mask is a tensor of the input's dtype; 0 without hidden dropout); σ = bytes of a norm statistic
 (cuda: 4; cpu: β). The index term is an average: the indices of all LTD layers of a stage are one
 [m, b, r] tensor. With f = 4h, β = 2 on cuda: 10·sbh + 24·sbh/t (+ small per-token terms), Korthikanti
 et al.'s "TP + selective recompute" row, which flash attention reaches without recomputing anything:
-their 5·a·s²·b/t of scores is never materialised. Covered: GPT, LayerNorm, GELU or SwiGLU, multi-head
-attention, learned or no position embedding; other models are measured only. The cpu variant is
-checked exactly by `--measure` (and tests/functional/test_bench_memory.py). The cuda one is derived
-from the saved tensors of torch's flash kernel (fp32 on CUDA runs the memory-efficient kernel, whose
-log-sum-exp is padded to 32 tokens), fused dropout and LayerNorm, and has not been measured on a GPU.
+their 5·a·s²·b/t of scores is never materialised; with sequence parallelism 34·sbh/t, their "TP + SP +
+selective" row. Covered: GPT, LayerNorm, GELU or SwiGLU, multi-head attention, learned or no position
+embedding; other models are measured only. The cpu variant is checked exactly by `--measure` (and
+tests/functional/test_bench_memory.py). The cuda one is derived from the saved tensors of torch's flash
+kernel (fp32 on CUDA runs the memory-efficient kernel, whose log-sum-exp is padded to 32 tokens), fused
+dropout and LayerNorm, and has not been measured on a GPU.
 
     python bench/memory.py --world-size 8 --kept-length 128 --all-modes --num-layers 24 --hidden-size 2048 \
         --num-attention-heads 16 --seq-length 2048 --micro-batch-size 4 --bf16
     python bench/memory.py --measure --world-size 2 --use-distributed-optimizer --kept-length 16 \
         --num-layers 3 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 --bf16
+    python bench/memory.py --measure --tensor-model-parallel-size 2 --sequence-parallel --kept-length 16 \
+        --num-layers 3 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2
+
+`--measure` attributes every saved storage to a layer and to one of the three parts by where it was saved:
+inside a norm, a column-parallel GEMM (its input is a norm's output) or the layer's own code (dropout,
+residual) is the sequence part; elsewhere inside attention or the MLP the TP-split part; between layers the
+routing part (with full recompute: the checkpoint's input, the sequence part). With --sequence-parallel it
+also measures the same run without it and prints each part's ratio, 1/t for the sequence part.
 
 Trainer flags not given get harmless defaults (--lr, --mock-data, --train-iters 1, GPT-2's 50257-token
 vocabulary through --tokenizer-type NullTokenizer --vocab-size 50256). GB = 1e9 bytes, MB = 1e6.
@@ -71,6 +92,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Dict, List, Optional
 
 import torch
@@ -84,6 +106,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.optimizer.optimizer import ADAM_KEYS  # noqa: E402
+from megatron.core.random_ltd import sequence_parallel as ltd_sequence_parallel  # noqa: E402
 from megatron.core.random_ltd.config import default_ltd_layers  # noqa: E402
 from megatron.core.random_ltd.schedule import MSLGSchedule  # noqa: E402
 from megatron.core.tokenizer import build_tokenizer, tokenizer_config_from_args  # noqa: E402
@@ -101,6 +124,8 @@ MEASURE_MAX_WORLD = 16
 STATE_KEYS = ("params", "grads", "main", "grad_copy", "adam")
 STATE_NAMES = ("params", "grad buffer", "fp32 main", "fp32 grad copy", "Adam m+v")
 RECOMPUTE = ("none", "selective", "full")
+PARTS = ("sequence", "tensor", "routing")  # of a layer's activations (module docstring)
+PART_NAMES = ("norms, dropout, residual", "attention + MLP (TP-split)", "LTD routing")
 # Run modes: (parameter bytes, gradient bytes); Megatron's published bytes per parameter for the same
 # (param, grad) dtypes, plain and with the distributed optimizer (docs/source/api-guide/dist_optimizer.md)
 MODES = {"fp32": (4, 4), "bf16": (2, 4), "bf16 --grad-reduce-in-bf16": (2, 2), "fp16": (2, 2),
@@ -127,6 +152,18 @@ class Setup:
     @property
     def dp(self) -> int:
         return self.config.parallel.data_parallel_size
+
+    @property
+    def sp(self) -> bool:
+        return self.config.model.sequence_parallel
+
+
+def with_sequence_parallel(setup: Setup, on: bool) -> Setup:
+    """The same run with --sequence-parallel on or off (same TP)."""
+    c = setup.config
+    model = dataclasses.replace(c.model, sequence_parallel=on)
+    args = MappingProxyType({**c.args, "sequence_parallel": on})
+    return dataclasses.replace(setup, config=dataclasses.replace(c, model=model, args=args))
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -165,13 +202,17 @@ def resolve(argv) -> tuple:
         vocab = flags.vocab_size + 1  # ids 0..N-1 and EOD N
     else:  # as pretrain_gpt_ltd.py does; a missing file is an error naming its flag
         vocab = build_tokenizer(tokenizer_config_from_args(flags)).vocab_size
-    tp, pp = flags.tensor_model_parallel_size, flags.pipeline_model_parallel_size
-    world = opts.world_size if opts.world_size is not None else tp * pp
+    world = opts.world_size if opts.world_size is not None else \
+        flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size
     config = resolve_config(flags, vocab, world)
     s = config.model.seq_length
     r = opts.kept_length if opts.kept_length is not None else min(config.args["random_ltd_start_seq_length"], s)
     if not 1 <= r <= s:
         raise UserError(f"--kept-length {r} must be in [1, --seq-length {s}]")
+    tp = config.parallel.tensor_model_parallel_size
+    if config.model.sequence_parallel and r < s and r % tp:
+        raise UserError(f"--sequence-parallel splits the kept tokens over the TP ranks: --kept-length {r} is not "
+                        f"divisible by --tensor-model-parallel-size {tp}")
     if opts.measure and opts.device == "cuda":
         raise UserError("--measure runs on this machine's CPU (gloo); compare it with --device cpu (the default)")
     device = opts.device or ("cpu" if opts.measure else "cuda")
@@ -290,37 +331,47 @@ def activation_unmodelled(config: RunConfig) -> Optional[str]:
     return None
 
 
-def layer_bytes(setup: Setup, n: int, recompute: str) -> int:
-    """Bytes one layer on n tokens (n < s: a random-LTD layer) saves for backward per micro-batch."""
+def layer_parts(setup: Setup, n: int, recompute: str) -> Dict[str, int]:
+    """{part: bytes} one layer on n tokens (n < s: a random-LTD layer) saves for backward per micro-batch,
+    by PARTS (module docstring); the routing part of a sequence-parallel run is the TP ranks' mean."""
     c = setup.config
     m, b, t = c.model, c.training.micro_batch_size, setup.tp
     s, h, f, a = m.seq_length, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
     beta = c.training.params_dtype.itemsize
+    chunks = t if setup.sp else 1  # the sequence part's split: [b, n/t, h] per rank
     if recompute == "full":
-        return beta * b * s * h
+        return {"sequence": beta * b * s * h // chunks, "tensor": 0, "routing": 0}
     cuda = setup.device == "cuda"
     mu = 0 if m.hidden_dropout == 0 else 1 if cuda else beta
     sigma = 4 if cuda else beta
     ffn = 4 * f if m.swiglu else 2 * f  # SwiGLU: fc1's [gate; up] output, silu(gate), their product
-    total = b * n * h * (4 * beta + 2 * mu) + 4 * b * n * sigma + b * n * (4 * h + ffn) * beta // t
+    sequence = (b * n * h * (4 * beta + 2 * mu) + 4 * b * n * sigma) // chunks
+    tensor = b * n * (4 * h + ffn) * beta // t
     if recompute == "none":
         if not cuda and m.attention_dropout > 0:  # torch's math path, in fp32
-            total += 12 * b * (a // t) * n * n + b * n * (12 - 3 * beta) * h // t
+            tensor += 12 * b * (a // t) * n * n + b * n * (12 - 3 * beta) * h // t
         else:
-            total += 4 * b * (a // t) * n
-    if n < s:
-        total += beta * b * s * h + 8 * b * n
-    return total
+            tensor += 4 * b * (a // t) * n
+    routing = 0 if n == s else 24 * b * n // t if setup.sp else beta * b * s * h + 8 * b * n
+    return {"sequence": sequence, "tensor": tensor, "routing": routing}
+
+
+def layer_bytes(setup: Setup, n: int, recompute: str) -> int:
+    """Bytes one layer on n tokens (n < s: a random-LTD layer) saves for backward per micro-batch."""
+    return sum(layer_parts(setup, n, recompute).values())
 
 
 def paper_bytes(setup: Setup, recompute: str) -> Optional[float]:
-    """Korthikanti et al. Table 2, 16-bit activations, TP t, dense layer: the reference next to ours."""
+    """Korthikanti et al. Table 2, 16-bit activations, TP t (and SP), dense layer: the reference next to ours.
+    Full recompute: their 2·sbh, split by t under sequence parallelism as the checkpointed input is here."""
     c = setup.config
     if c.training.params_dtype.itemsize != 2:
         return None
     m, b, t = c.model, c.training.micro_batch_size, setup.tp
     sbh, a, s, h = m.seq_length * b * m.hidden_size, m.num_attention_heads, m.seq_length, m.hidden_size
-    return sbh * {"none": 10 + 24 / t + 5 * a * s / (h * t), "selective": 10 + 24 / t, "full": 2}[recompute]
+    replicated = 10 / t if setup.sp else 10
+    return sbh * {"none": replicated + 24 / t + 5 * a * s / (h * t), "selective": replicated + 24 / t,
+                  "full": 2 / t if setup.sp else 2}[recompute]
 
 
 # ---- measured: one training step per recompute mode, one process per rank ----------------------------
@@ -347,17 +398,24 @@ def measure_state(trainer, copies: Dict[int, int]) -> Dict[str, int]:
 
 
 class SavedTensorMeter:
-    """Bytes autograd saves during one forward, by transformer layer (global number) or "outside"
-    (embedding, final norm, head, loss). A storage counts once, for the layer that saved it first;
-    parameters never count.
+    """Bytes autograd keeps for backward during one forward, by transformer layer (global number) or
+    "outside" (embedding, final norm, head, loss), and within a layer by PARTS. A storage counts once, for
+    the layer that saved it first; parameters never count.
 
     Layer i's share is what is saved while it runs, plus what is saved in the gap before it (the LTD
-    gather) or, with full recompute, in the gap after it: the checkpoint is a custom autograd Function,
-    which packs its saved input when its forward returns, after the layers it ran."""
+    gather or route) or, with full recompute, in the gap after it: the checkpoint is a custom autograd
+    Function, which packs its saved input when its forward returns, after the layers it ran. The part is
+    the innermost of the layer's modules running when the tensor was saved: a norm, a column-parallel GEMM
+    (it saves its input, a norm's output) or the layer's own code (dropout masks) is "sequence"; the rest
+    of attention and the MLP is "tensor"; the gap is "routing" (full recompute: "sequence", the layer's
+    input). The sequence-parallel LTD route is not a saved tensor but attributes of the routing Functions'
+    autograd nodes; it is counted when built with grad enabled (the nodes then keep it until backward)."""
 
     def __init__(self, model, full_recompute: bool):
         self.skip = set(_storages(model.parameters()))
-        self.seen, self.bytes, self.segment, self.done = set(), Counter(), None, False
+        self.full_recompute = full_recompute
+        self.seen, self.bytes, self.segment, self.done = set(), Counter(), None, False  # bytes: (segment, part)
+        self.parts: List[str] = []  # innermost last: the part of the running module
         decoder, layers = model.decoder, list(model.decoder.layers)
         after = [layer.layer_number for layer in layers[1:]] + ["outside"]
         self.handles = [decoder.register_forward_pre_hook(lambda *_: self._enter(layers[0].layer_number)),
@@ -368,18 +426,53 @@ class SavedTensorMeter:
             self.handles.append(layer.register_forward_pre_hook(lambda *_, k=layer.layer_number: self._enter(k)))
             owner = layer.layer_number if full_recompute else nxt
             self.handles.append(layer.register_forward_hook(lambda *_, k=owner: self._enter(k)))
+            for module, part in ((layer, "sequence"), (layer.self_attention, "tensor"), (layer.mlp, "tensor"),
+                                 (layer.input_layernorm, "sequence"), (layer.pre_mlp_layernorm, "sequence"),
+                                 (layer.self_attention.linear_qkv, "sequence"), (layer.mlp.linear_fc1, "sequence")):
+                self.handles += [module.register_forward_pre_hook(lambda *_, p=part: self.parts.append(p)),
+                                 module.register_forward_hook(lambda *_: self._leave())]
+        self.real_route = ltd_sequence_parallel.kept_token_route
+        ltd_sequence_parallel.kept_token_route = self._route
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        ltd_sequence_parallel.kept_token_route = self.real_route
 
     def _enter(self, segment) -> None:
         if self.segment is not None:
             self.segment = segment
 
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
+    def _leave(self) -> None:  # returns None: a forward hook's result would replace the module's output
+        self.parts.pop()
+
+    def _count(self, x: torch.Tensor) -> None:
         st = x.untyped_storage()
         ptr = st.data_ptr()
         if self.segment is not None and ptr not in self.skip and ptr not in self.seen:
             self.seen.add(ptr)
-            self.bytes[self.segment] += st.nbytes()
+            part = self.parts[-1] if self.parts else "sequence" if self.full_recompute else "routing"
+            self.bytes[self.segment, part] += st.nbytes()
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        self._count(x)
         return x
+
+    def _route(self, *args, **kwargs):
+        route = self.real_route(*args, **kwargs)
+        if torch.is_grad_enabled():  # else no autograd node keeps it (the full-recompute forward)
+            for field in dataclasses.fields(route):
+                value = getattr(route, field.name)
+                if isinstance(value, torch.Tensor):
+                    self._count(value)
+        return route
+
+    def by_layer(self) -> Dict[str, Dict[str, int]]:
+        """{layer: {part: bytes}} ("outside" has one part, "sequence")."""
+        out: Dict[str, Dict[str, int]] = {}
+        for (segment, part), v in self.bytes.items():
+            out.setdefault(str(segment), dict.fromkeys(PARTS, 0))[part] += v
+        return out
 
     def wrap(self, forward_step):
         """forward_step whose first call (the first micro-batch) is metered."""
@@ -428,10 +521,10 @@ def _measure_rank(setup: Setup, out_dir: str) -> None:
         trainer.optimizer._drop_grad_copies = record_then_drop
         _, step = trainer.train_step(_random_batches(c), 0)
         assert not step.skipped, "the measured step was skipped: no optimizer state to measure"
-        for handle in meter.handles:
-            handle.remove()
-        result["layers"][name] = {str(k): v for k, v in meter.bytes.items() if k != "outside"}
-        result["outside"][name] = meter.bytes["outside"]
+        meter.close()
+        layers = meter.by_layer()
+        result["outside"][name] = sum(layers.pop("outside", {}).values())
+        result["layers"][name] = layers  # {layer: {part: bytes}}
         if name == "none":
             result["state"] = measure_state(trainer, copies)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -508,20 +601,34 @@ def computed_for_rank(setup: Setup, result: dict) -> Dict[str, int]:
                        setup.dp, result["dp_rank"], setup.config.ddp.bucket_size)
 
 
-def measured_layers(setup: Setup, result: dict, recompute: str) -> tuple:
-    """(mean bytes of the dense layers, of the LTD layers) a rank measured; None for a kind it has none of.
+def measured_parts(setup: Setup, results: List[dict], recompute: str) -> tuple:
+    """({part: mean bytes} of the dense layers, of the LTD layers) the given ranks (one stage) measured;
+    None for a kind they have none of.
 
-    Means, because the int64 indices of all LTD layers of a stage are drawn as one [m, b, r] tensor
-    (random_ltd/routing.py), whose one storage is met first in the first LTD layer: 8·b·r per layer on
-    average, as the formula counts it."""
+    Means over layers, because the int64 indices of all LTD layers of a stage are drawn as one [m, b, r]
+    tensor (random_ltd/routing.py), whose one storage is met first in the first LTD layer: 8·b·r per layer
+    on average, as the formula counts it. Means over ranks, because under sequence parallelism each TP
+    rank's chunk holds a random share of the kept tokens, and so of the route (pass one TP group)."""
     per_stage = setup.config.model.num_layers // setup.pp
-    layers = range(result["stage"] * per_stage, (result["stage"] + 1) * per_stage)
-    measured = result["layers"][recompute]
+    stage = results[0]["stage"]
+    assert all(res["stage"] == stage for res in results), "ranks of one stage"
+    layers = range(stage * per_stage, (stage + 1) * per_stage)
     out = []
     for ltd in (False, True):
-        mine = [measured.get(str(x), 0) for x in layers if (x in setup.ltd_layers) == ltd]
-        out.append(sum(mine) / len(mine) if mine else None)
+        mine = [res["layers"][recompute].get(str(x), {}) for res in results for x in layers
+                if (x in setup.ltd_layers) == ltd]
+        out.append({p: sum(m.get(p, 0) for m in mine) / len(mine) for p in PARTS} if mine else None)
     return tuple(out)
+
+
+def measured_layers(setup: Setup, result: dict, recompute: str) -> tuple:
+    """(mean bytes of the dense layers, of the LTD layers) one rank measured; None for a kind it has none of."""
+    return tuple(None if x is None else sum(x.values()) for x in measured_parts(setup, [result], recompute))
+
+
+def first_tp_group(results: List[dict]) -> List[dict]:
+    """The ranks of stage 0, DP rank 0: one TP group, where the largest activations are."""
+    return [res for res in results if res["stage"] == 0 and res["dp_rank"] == 0]
 
 
 # ---- printing -----------------------------------------------------------------------------------------
@@ -535,11 +642,16 @@ def table(headers, rows, markdown: bool) -> str:
     return "\n".join([fmt.format(*headers)] + [fmt.format(*row) for row in rows])
 
 
+def ratio(x: float, y: float) -> str:
+    return "—" if not y else f"{x / y:.4f}" if x / y >= 1e-3 else f"{x / y:.1e}"
+
+
 def describe(setup: Setup) -> str:
     c, m = setup.config, setup.config.model
     return (f"GPT {m.num_layers} layers, h {m.hidden_size}, ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads, "
             f"s {m.seq_length}, vocab {m.vocab_size} (padded), micro batch {c.training.micro_batch_size}, "
-            f"{c.training.precision}; tp {setup.tp} x pp {setup.pp} x dp {setup.dp} = {c.parallel.world_size} ranks")
+            f"{c.training.precision}; tp {setup.tp} x pp {setup.pp} x dp {setup.dp} = {c.parallel.world_size} ranks"
+            f"{', sequence parallel' if setup.sp else ''}")
 
 
 def state_report(setup: Setup, all_modes: bool, md: bool) -> str:
@@ -581,14 +693,37 @@ def activation_report(setup: Setup, md: bool) -> str:
                      f"{ltd / MB:.1f} ({ltd / sbh:.2f} sbh)", "—" if paper is None else f"{paper / MB:.1f} "
                      f"({paper / sbh:.2f} sbh)", *(f"{x / GB:.2f}" for x in stage)])
     head = (f"Activations saved for backward per layer and micro-batch, MB ({setup.device} kernels, "
-            f"{c.training.precision}, tp {setup.tp}, b {b}, s {s}, r {r}); first stage: {dense_n} dense + {ltd_n} "
-            f"LTD layers x {flight} micro-batch(es) in flight (embedding and head not included)")
-    return head + "\n\n" + table(["recompute", "dense layer (n = s)", f"LTD layer (n = r = {r})",
-                                  "Korthikanti et al. (dense)", "first stage GB, dense", "first stage GB, LTD"],
-                                 rows, md)
+            f"{c.training.precision}, tp {setup.tp}{' + sequence parallel' if setup.sp else ''}, b {b}, s {s}, "
+            f"r {r}); first stage: {dense_n} dense + {ltd_n} LTD layers x {flight} micro-batch(es) in flight "
+            f"(embedding and head not included)")
+    out = head + "\n\n" + table(["recompute", "dense layer (n = s)", f"LTD layer (n = r = {r})",
+                                 "Korthikanti et al. (dense)", "first stage GB, dense", "first stage GB, LTD"],
+                                rows, md)
+    if not setup.sp:
+        return out
+    # the same TP without sequence parallelism, part by part
+    off, rows = with_sequence_parallel(setup, False), []
+    per_layer = {(kind, sp): layer_parts(x, n, "none") for kind, n in (("dense", s), ("LTD", r))
+                 for sp, x in ((False, off), (True, setup))}
+    for name, key in [*zip(PART_NAMES, PARTS), ("layer", None)]:
+        row = [name]
+        for kind in ("dense", "LTD"):
+            no, yes = (per_layer[kind, sp][key] if key else sum(per_layer[kind, sp].values()) for sp in (False, True))
+            row += [f"{no / MB:.1f}", f"{yes / MB:.1f}", ratio(yes, no)]
+        rows.append(row)
+    dense, ltd = ({sp: sum(per_layer[kind, sp].values()) for sp in (False, True)} for kind in ("dense", "LTD"))
+    every_dense = [flight * (dense_n + ltd_n) * dense[sp] for sp in (False, True)]
+    with_ltd = [flight * (dense_n * dense[sp] + ltd_n * ltd[sp]) for sp in (False, True)]
+    rows.append(["first stage (GB)", *(x for no, yes in (every_dense, with_ltd)
+                                       for x in (f"{no / GB:.2f}", f"{yes / GB:.2f}", ratio(yes, no)))])
+    t = setup.tp
+    return (out + f"\n\nSequence parallelism at tp {t} (recompute none), MB per layer and micro-batch: without and "
+            f"with --sequence-parallel, and with / without (1/{t} = {1 / t:.4f})\n\n"
+            + table(["part", "dense, TP", "dense, TP + SP", "SP / no SP", f"LTD (r = {r}), TP", "LTD, TP + SP",
+                     "SP / no SP"], rows, md))
 
 
-def measure_report(setup: Setup, results: List[dict], md: bool) -> str:
+def measure_report(setup: Setup, results: List[dict], md: bool, baseline: Optional[List[dict]] = None) -> str:
     rows = []
     for res in results:
         comp = computed_for_rank(setup, res)
@@ -598,21 +733,62 @@ def measure_report(setup: Setup, results: List[dict], md: bool) -> str:
                          "yes" if comp[key] == meas else "NO"])
     out = ["Measured model state per rank, bytes (one step, gloo on the CPU)", "",
            table(["rank", "(tp, pp, dp)", "quantity", "computed", "measured", "equal"], rows, md), ""]
-    first, rows = results[0], []
+    group, rows = first_tp_group(results), []
+    lengths = (setup.config.model.seq_length, setup.kept_length)
     for rec in RECOMPUTE:
-        for kind, n, meas in zip(("dense", "LTD"), (setup.config.model.seq_length, setup.kept_length),
-                                 measured_layers(setup, first, rec)):
+        for kind, n, meas in zip(("dense", "LTD"), lengths, measured_parts(setup, group, rec)):
             if meas is not None:
-                comp = layer_bytes(setup, n, rec)
+                comp, meas = layer_bytes(setup, n, rec), sum(meas.values())
                 rows.append([rec, kind, n, comp, f"{meas:.0f}", f"{meas / comp:.4f}"])
     why = activation_unmodelled(setup.config)
     if why is not None:
         rows = [[*row[:3], "—", row[4], "—"] for row in rows]
-    out += [f"Measured activations of rank 0, bytes per layer and micro-batch (computed: {setup.device} formula"
+    ranks = "rank 0" if len(group) == 1 else f"ranks {', '.join(str(res['rank']) for res in group)} (mean)"
+    out += [f"Measured activations of {ranks}, bytes per layer and micro-batch (computed: {setup.device} formula"
             f"{'' if why is None else '; not modelled: ' + why}); embedding + head + loss measured: "
-            + ", ".join(f"{rec} {first['outside'][rec]}" for rec in RECOMPUTE), "",
+            + ", ".join(f"{rec} {group[0]['outside'][rec]}" for rec in RECOMPUTE), "",
             table(["recompute", "layers (mean)", "tokens", "computed", "measured", "measured / computed"], rows, md)]
+    if why is None:
+        out += ["", parts_report(setup, results, baseline, md)]
     return "\n".join(out)
+
+
+def parts_report(setup: Setup, results: List[dict], baseline: Optional[List[dict]], md: bool) -> str:
+    """Recompute none, part by part; with `baseline` (the same run without sequence parallelism, measured)
+    also the measured ratio SP / no SP."""
+    group, lengths = first_tp_group(results), (setup.config.model.seq_length, setup.kept_length)
+    measured = measured_parts(setup, group, "none")
+    if baseline is not None:
+        off = with_sequence_parallel(setup, False)
+        measured_off = measured_parts(off, first_tp_group(baseline), "none")
+    rows = []
+    for i, (kind, n) in enumerate(zip(("dense", "LTD"), lengths)):
+        if measured[i] is None:
+            continue
+        comp = layer_parts(setup, n, "none")
+        if baseline is not None:
+            comp_off = layer_parts(off, n, "none")
+        for name, key in [*zip(PART_NAMES, PARTS), ("layer", None)]:
+            c, m = (comp[key], measured[i][key]) if key else (sum(comp.values()), sum(measured[i].values()))
+            if key == "routing" and kind == "dense" and c == m == 0:
+                continue
+            row = [kind, name, c, f"{m:.0f}"]
+            if baseline is not None:
+                c0, m0 = (comp_off[key], measured_off[i][key]) if key else \
+                    (sum(comp_off.values()), sum(measured_off[i].values()))
+                row += [c0, f"{m0:.0f}", ratio(m, m0)]
+            rows.append(row)
+    headers = ["layers (mean)", "part", "computed", "measured"]
+    head = "Measured activations by part, recompute none, bytes per layer and micro-batch"
+    if baseline is not None:
+        headers += ["computed, no SP", "measured, no SP", "SP / no SP, measured"]
+        head += (f"; the same run without --sequence-parallel also measured (tp {setup.tp}: 1/tp = "
+                 f"{1 / setup.tp:.4f})")
+        per_rank = [sum(res["layers"]["none"].get(str(x), {}).get("routing", 0) for x in setup.ltd_layers)
+                    for res in group]
+        if any(per_rank):
+            head += f". LTD routing bytes of each TP rank, all LTD layers: {per_rank} (their mean is computed)"
+    return head + "\n\n" + table(headers, rows, md)
 
 
 def main(argv=None) -> int:
@@ -623,7 +799,8 @@ def main(argv=None) -> int:
     print(state_report(setup, opts.all_modes, opts.markdown) + "\n")
     print(activation_report(setup, opts.markdown))
     if opts.measure:
-        print("\n" + measure_report(setup, measure(setup), opts.markdown))
+        baseline = measure(with_sequence_parallel(setup, False)) if setup.sp else None
+        print("\n" + measure_report(setup, measure(setup), opts.markdown, baseline))
     return 0
 
 

@@ -109,6 +109,8 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"])
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split norms, dropouts and the residual stream along the sequence over the TP ranks")
 
     g = p.add_argument_group("activation recomputation (docs/training.md)")
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],

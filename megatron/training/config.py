@@ -220,6 +220,27 @@ def _recompute_fields(f: argparse.Namespace, pp: int) -> dict:
                 recompute_num_layers=f.recompute_num_layers)
 
 
+def _sequence_parallel(f: argparse.Namespace, tp: int) -> bool:
+    """--sequence-parallel, checked: off at TP = 1 (Megatron's rule, with one warning line); the sequence and
+    every kept length must split evenly over the TP ranks."""
+    if not f.sequence_parallel:
+        return False
+    if tp == 1:
+        if os.environ.get("RANK", "0") == "0":
+            print("WARNING: --sequence-parallel has no effect with --tensor-model-parallel-size 1; turned off",
+                  file=sys.stderr, flush=True)
+        return False
+    if f.seq_length % tp:
+        raise UserError(f"--sequence-parallel splits the sequence over the TP ranks: --seq-length {f.seq_length} "
+                        f"is not divisible by --tensor-model-parallel-size {tp}")
+    if f.random_ltd:
+        step = f.random_ltd_seq_step if f.random_ltd_seq_step is not None else RandomLTDConfig.seq_step
+        if step % tp:
+            raise UserError(f"--sequence-parallel with random-LTD splits every kept length over the TP ranks: "
+                            f"--random-ltd-seq-step {step} is not divisible by --tensor-model-parallel-size {tp}")
+    return True
+
+
 def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: Optional[int] = None,
                    model_type: Optional[str] = None) -> RunConfig:
     """The frozen RunConfig of these (range-checked) flags; raises UserError for any bad combination.
@@ -240,6 +261,7 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
         raise UserError(f"--global-batch-size {G} is not a multiple of --micro-batch-size "
                         f"{f.micro_batch_size} x data-parallel size {dp}")
     recompute = _recompute_fields(f, pp)
+    sequence_parallel = _sequence_parallel(f, tp)
     warn_unused_ltd_flags(f)
     run = run_length_from_flags(f, G)
 
@@ -254,7 +276,9 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
     if model_type is not None:
         args["model_type"] = model_type
     # model_type "bert": the bidirectional encoder; recomputation is this run's, not the checkpoint's model
-    model = transformer_config_from_args(args, **recompute, fp32_residual_connection=f.fp32_residual_connection)
+    args["sequence_parallel"] = sequence_parallel
+    model = transformer_config_from_args(args, **recompute, fp32_residual_connection=f.fp32_residual_connection,
+                                         sequence_parallel=sequence_parallel)
 
     lr = LRScheduleConfig(f.lr, f.min_lr, f.lr_decay_style, *schedule_lengths(
         global_batch_size=G, seq_length=f.seq_length, train_samples=run.decay_default_samples,

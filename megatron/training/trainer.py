@@ -102,7 +102,9 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         # The activation passed between pipeline stages is the residual stream: the parameter dtype, or fp32
         # with --fp32-residual-connection.
-        self.tensor_shape = (self.mbs, self.s, c.model.hidden_size)
+        # Sequence parallel: each TP rank sends its chunk of the sequence.
+        seq = self.s // c.parallel.tensor_model_parallel_size if c.model.sequence_parallel else self.s
+        self.tensor_shape = (self.mbs, seq, c.model.hidden_size)
         self.tensor_dtype = torch.float32 if c.model.fp32_residual_connection else c.training.params_dtype
         self.optimizer = Optimizer(model, c.optimizer, self.grad_sync)
         self.state = TrainState()
@@ -173,6 +175,8 @@ class Trainer:
             self.forward_step, self._micro_batches(data_iter, t), self.model, self.num_micro, self.tensor_shape,
             self.tensor_dtype, forward_only=False, loss_scale=self.optimizer.loss_scale, grad_sync=self.grad_sync)
         self._sync_tied_embeddings()
+        if self.config.model.sequence_parallel:  # norms and row-parallel biases saw only this rank's tokens
+            self.grad_sync.allreduce_sequence_parallel_grads(ps.get_tensor_model_parallel_group())
         result = self.optimizer.step()
         return mean_metrics(metrics), result
 
@@ -284,8 +288,9 @@ class Trainer:
         p = self.config.parallel
         if p.world_size == 1:
             return ""
+        sp = ", sequence parallel" if self.config.model.sequence_parallel else ""
         return (f" (tensor x pipeline x data parallel = {p.tensor_model_parallel_size} x "
-                f"{p.pipeline_model_parallel_size} x {p.data_parallel_size})")
+                f"{p.pipeline_model_parallel_size} x {p.data_parallel_size}{sp})")
 
     def _validate(self) -> None:
         st = self.state

@@ -1,4 +1,5 @@
-"""BERT trains the same model in every layout: TP=2, PP=2, TP=2 x PP=2 and DP=2 equal one process.
+"""BERT trains the same model in every layout: TP=2, PP=2, TP=2 x PP=2, DP=2 and TP=2 x PP=2 with sequence
+parallelism equal one process.
 
 A tiny BERT (SwiGLU, so the stride-2 shards are covered) with random-LTD on padded samples, 8 iterations
 from the same seed, dropout off: per-iteration MLM and SOP losses, accuracies and grad norms, and the
@@ -12,7 +13,7 @@ from tests.functional import bert_cli
 BASE = bert_cli.TINY + bert_cli.LTD + [
     "--swiglu", "--train-iters", "8", "--eval-interval", "4", "--micro-batch-size", "2", "--global-batch-size", "8",
     "--data-path", "synthetic"]
-LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)]
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 2, 1, "sp")]
 
 
 def _train(rank, world, argv):
@@ -42,11 +43,13 @@ def test_layouts_match_single_process_and_checkpoints_merge(tmp_path, monkeypatc
     bert_cli.use_synthetic_data(monkeypatch)
     argv = BASE + ["--vocab-file", bert_cli.write_vocab(tmp_path)]
     logs = {}
-    for tp, pp, dp in LAYOUTS:
-        name = f"tp{tp}pp{pp}dp{dp}"
-        save = ["--save", str(tmp_path / name)] if (tp, pp, dp) in ((1, 1, 1), (2, 2, 1)) else []
-        run_layout(argv + ["--log-json", str(tmp_path / f"{name}.jsonl")] + save, tp, pp, dp)
-        logs[(tp, pp, dp)] = read_json_lines(tmp_path / f"{name}.jsonl")
+    for layout in LAYOUTS:
+        tp, pp, dp = layout[:3]
+        sp = ["--sequence-parallel"] if layout[3:] == ("sp",) else []
+        name = f"tp{tp}pp{pp}dp{dp}{'sp' if sp else ''}"
+        save = ["--save", str(tmp_path / name)] if layout in ((1, 1, 1), (2, 2, 1)) else []
+        run_layout(argv + ["--log-json", str(tmp_path / f"{name}.jsonl")] + save + sp, tp, pp, dp)
+        logs[layout] = read_json_lines(tmp_path / f"{name}.jsonl")
     ref = [r for r in logs[(1, 1, 1)] if "lm_loss" in r]
     assert len(ref) == 8 and ref[0]["kept_length"] == 8
     for layout, recs in logs.items():

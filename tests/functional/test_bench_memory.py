@@ -4,7 +4,8 @@ optimizer's shards of a 64-aligned, lcm(dp, 128)-padded bucket).
 
 A tiny GPT (3 layers, layer 1 drops tokens to r = 16 of s = 64), measured once per setting (about a
 second each): fp32 with dropout 0.1 (torch's math attention on the CPU), bf16 without dropout (the flash
-kernel), and bf16 with the distributed optimizer on 2 gloo ranks.
+kernel), bf16 with the distributed optimizer on 2 gloo ranks, and fp32 at TP = 2 without and with
+--sequence-parallel.
 """
 
 import importlib.util
@@ -51,6 +52,12 @@ def fp32():
 @pytest.fixture(scope="module")
 def bf16():
     return run("--bf16", "--hidden-dropout", "0", "--attention-dropout", "0")
+
+
+@pytest.fixture(scope="module")
+def tp2():
+    """TP = 2 without and with sequence parallelism; fp32 with dropout, so the masks are measured too."""
+    return run("--tensor-model-parallel-size", "2"), run("--tensor-model-parallel-size", "2", "--sequence-parallel")
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +131,51 @@ def test_activation_formula_matches_saved_tensors(which, request):
     assert beta * B * S * H < ltd < none
 
 
+def test_sequence_parallel_splits_norms_dropout_residual_by_tp(tp2):
+    """With --sequence-parallel at TP = 2 a rank keeps half of what the norms, dropouts and residual stream
+    save (exactly, measured), the same attention and MLP internals, and an LTD layer keeps its int64 route
+    instead of its whole [b, s, h] input. Every rank's model state, every dense layer on every rank and the
+    LTD layer (its route averaged over the TP ranks) equal the formula exactly."""
+    (off, off_results), (on, on_results) = tp2
+    assert on.sp and not off.sp
+    for setup, results in tp2:
+        assert sorted(res["tp_rank"] for res in results) == [0, 1]
+        assert_computed_equals_measured(setup, results)
+        for rec in memory.RECOMPUTE:
+            for res in results:
+                dense, _ = memory.measured_parts(setup, [res], rec)
+                assert dense == memory.layer_parts(setup, S, rec), (setup.sp, rec, res["rank"])
+            _, ltd = memory.measured_parts(setup, results, rec)
+            assert ltd == memory.layer_parts(setup, R, rec), (setup.sp, rec)
+    for rec in memory.RECOMPUTE:
+        no = memory.measured_parts(off, off_results, rec)
+        yes = memory.measured_parts(on, on_results, rec)
+        for kind in (0, 1):  # dense, LTD
+            assert yes[kind]["sequence"] * 2 == no[kind]["sequence"] > 0, (rec, kind)
+            assert yes[kind]["tensor"] == no[kind]["tensor"], (rec, kind)
+    # recompute none, by the rules: 4 [b, n, h] fp32 tensors, 2 fp32 dropout masks, mean and rstd of 2 norms
+    no, yes = memory.measured_parts(off, off_results, "none"), memory.measured_parts(on, on_results, "none")
+    for (dense, ltd), t in ((no, 1), (yes, 2)):
+        assert dense["sequence"] == (B * S * H * (4 * 4 + 2 * 4) + 4 * B * S * 4) / t
+        assert ltd["sequence"] == (B * R * H * (4 * 4 + 2 * 4) + 4 * B * R * 4) / t
+    assert no[1]["routing"] == 4 * B * S * H + 8 * B * R  # the gather's input and the index
+    # per rank 8·(2·kept tokens in its chunk + B·R/2 list slots); the chunks hold all B·R kept tokens
+    assert sum(res["layers"]["none"]["1"]["routing"] for res in on_results) == 8 * (2 * B * R + B * R)
+
+
 def test_cli_prints_tables_and_refuses_bad_input(capsys):
     assert run_cli(memory.main, TINY + ["--markdown", "--all-modes"]) == 0
     out = capsys.readouterr().out
     assert "| bf16 | distributed, dp 1 |" in out and "| full (uniform, 1 layer) |" in out
+    tp2 = ["--tensor-model-parallel-size", "2", "--world-size", "2", "--sequence-parallel"]
+    assert run_cli(memory.main, TINY + tp2 + ["--markdown"]) == 0
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| norms, dropout, residual |")]
+    assert len(rows) == 1 and rows[0].count("| 0.5000 |") == 2, rows  # dense and LTD layer, 1/tp
     big = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "2048",
            "--micro-batch-size", "4", "--measure"]
     for argv, needle in ((big, "too big"), (TINY + ["--kept-length", "65"], "--kept-length"),
                          (TINY + ["--tensor-model-parallel-size", "3", "--world-size", "3"], "divisible"),
+                         (TINY + tp2 + ["--kept-length", "15"], "splits the kept tokens"),
                          (TINY + ["--measure", "--device", "cuda"], "--device cpu")):
         assert run_cli(memory.main, argv) == 2
         err = capsys.readouterr().err.strip().splitlines()

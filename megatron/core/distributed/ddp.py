@@ -32,11 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.core import parallel_state as ps
+from megatron.core.collectives import all_gather_single, reduce_scatter_single
 from megatron.core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer
-
-# torch 2.13 renamed the flat collectives; older releases (the GPU machine's 2.11) have only the old names
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class DataParallelGradSync:
@@ -109,7 +106,7 @@ class DataParallelGradSync:
         bucket.grad_data.div_(self.dp)
         if self.distributed:
             lo, hi = self.shard(bucket)
-            bucket.work = _reduce_scatter(bucket.grad_data[lo:hi], bucket.grad_data, op=dist.ReduceOp.SUM,
+            bucket.work = reduce_scatter_single(bucket.grad_data[lo:hi], bucket.grad_data, op=dist.ReduceOp.SUM,
                                           group=self.group, async_op=True)
         else:
             bucket.work = dist.all_reduce(bucket.grad_data, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
@@ -169,6 +166,20 @@ class DataParallelGradSync:
         else:
             dist.all_reduce(p.main_grad, op=dist.ReduceOp.SUM, group=group)
 
+    def allreduce_sequence_parallel_grads(self, group) -> None:
+        """Sum over `group` (the TP group) the gradients of parameters tagged `sequence_parallel` (norms,
+        row-parallel biases): under sequence parallelism each TP rank saw only its chunk of the tokens.
+        One flat all-reduce; with the distributed optimizer only the owned parts matter afterwards."""
+        params = [p for p in self.params if getattr(p, "sequence_parallel", False)]
+        if not params or group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return
+        flat = torch.cat([p.main_grad.view(-1) for p in params])  # [n]
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for p in params:
+            p.main_grad.view(-1).copy_(flat[offset:offset + p.numel()])
+            offset += p.numel()
+
     # ---- parameters (distributed optimizer) --------------------------------------------------------
     def start_param_sync(self) -> None:
         """All-gather every bucket's updated shards into param_data (asynchronously)."""
@@ -176,7 +187,7 @@ class DataParallelGradSync:
             return
         for bucket in self.buckets:
             lo, hi = self.shard(bucket)
-            bucket.gather_work = _all_gather(bucket.param_data, bucket.param_data[lo:hi], group=self.group,
+            bucket.gather_work = all_gather_single(bucket.param_data, bucket.param_data[lo:hi], group=self.group,
                                              async_op=True)
         if not self.overlap_param_gather:
             self.finish_param_sync()

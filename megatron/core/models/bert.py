@@ -30,8 +30,8 @@ from torch import nn
 from megatron.core.models.embedding import Embedding
 from megatron.core.models.language_module import LanguageModule
 from megatron.core.tensor_parallel import (
-    column_parallel_linear, gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy,
-    vocab_parallel_top1_correct,
+    column_parallel_linear, gather_from_sequence_parallel_region, gather_from_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy, vocab_parallel_top1_correct,
 )
 from megatron.core.transformer.block import TransformerBlock
 from megatron.core.transformer.config import TransformerConfig
@@ -56,6 +56,8 @@ class BertLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = build_norm(config)
+        for p in self.layer_norm.parameters():  # the heads see the gathered sequence: complete gradients
+            p.sequence_parallel = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [b, s, h]
         return self.layer_norm(F.gelu(self.dense(hidden)))  # [b, s, h]
@@ -105,14 +107,19 @@ class BertModel(LanguageModule):
         position_ids: Optional[torch.Tensor] = None,  # [b, s]
         ltd=None,
     ) -> torch.Tensor:
-        """This stage's encoder output: [b, s, h] (after the final norm on the last stage)."""
+        """This stage's encoder output: [b, s, h] (after the final norm on the last stage; sequence parallel:
+        this rank's chunk [b, s/tp, h] on the other stages, the gathered sequence on the last, whose heads
+        are replicated)."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [b, s]
         if self.pre_process:
             hidden = self.embedding(tokens, position_ids, token_types)  # [b, s, h]
         else:
             hidden = self.input_tensor  # [b, s, h]
-        return self.encoder(hidden, position_ids=position_ids, padding_mask=padding_mask, ltd=ltd)  # [b, s, h]
+        hidden = self.encoder(hidden, position_ids=position_ids, padding_mask=padding_mask, ltd=ltd)  # [b, s, h]
+        if self.post_process and self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)  # [b, s, h]
+        return hidden
 
     def forward(
         self,

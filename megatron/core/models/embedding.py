@@ -4,16 +4,23 @@ Positions are added here, before layer 0, so tokens that random-LTD later drops 
 positions. BERT adds a token-type embedding (segment A = 0, B = 1); GPT has none (`num_tokentypes=0`
 creates no parameter, so GPT checkpoints are unchanged).
 
+Under sequence parallelism the sum is split along the sequence (each TP rank keeps its chunk `[b, s/tp,
+h]`, Megatron's order with learned positions) and the dropout on the chunk draws from the tracker's
+per-rank stream.
+
 Parameter names follow megatron-core: `embedding.word_embeddings.weight`,
 `embedding.position_embeddings.weight`, `embedding.tokentype_embeddings.weight`.
 """
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 from torch import nn
 
-from megatron.core.tensor_parallel import VocabParallelEmbedding
+from megatron.core.tensor_parallel import (
+    VocabParallelEmbedding, get_rng_tracker, scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.config import TransformerConfig
 
 
@@ -28,6 +35,7 @@ class Embedding(nn.Module):
         self.tokentype_embeddings = nn.Embedding(num_tokentypes, config.hidden_size) if num_tokentypes else None
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.fp32_residual = config.fp32_residual_connection
+        self.sequence_parallel = config.sequence_parallel
 
     def forward(
         self,
@@ -43,4 +51,7 @@ class Embedding(nn.Module):
             x = x + self.tokentype_embeddings(token_types)  # [b, s, h]
         if self.fp32_residual:
             x = x.float()  # [b, s, h] fp32: the residual stream starts here
-        return self.dropout(x)
+        if self.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)  # [b, s/tp, h]
+        with get_rng_tracker().fork() if self.sequence_parallel else nullcontext():
+            return self.dropout(x)  # [b, s, h], or [b, s/tp, h]

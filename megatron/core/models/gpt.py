@@ -13,12 +13,11 @@ stage's state dict are local to the stage, as in Megatron.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron.core.models.embedding import Embedding
 from megatron.core.models.language_module import LanguageModule
 from megatron.core.tensor_parallel import (
-    copy_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy,
+    column_parallel_linear, gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer.block import TransformerBlock
 from megatron.core.transformer.config import TransformerConfig
@@ -48,11 +47,11 @@ class GPTModel(LanguageModule):
             hidden = self.embedding(tokens, position_ids)  # [b, s, h]
         else:
             hidden = self.input_tensor  # [b, s, h]
-        hidden = self.decoder(hidden, position_ids=position_ids, ltd=ltd)  # [b, s, h]
+        hidden = self.decoder(hidden, position_ids=position_ids, ltd=ltd)  # [b, s, h] ([b, s/tp, h] seq. parallel)
         if not self.post_process:
             return hidden
-        hidden = copy_to_tensor_model_parallel_region(hidden)  # [b, s, h]
-        logits = F.linear(hidden, self.output_weight())  # [b, s, V/tp]
+        # [b, s, V/tp]; sequence parallel: the [b, s/tp, h] chunks are gathered inside
+        logits = column_parallel_linear(hidden, self.output_weight(), sequence_parallel=self.config.sequence_parallel)
         if labels is None:
             return gather_from_tensor_model_parallel_region(logits)  # [b, s, V]
         return vocab_parallel_cross_entropy(logits.float(), labels)  # [b, s]

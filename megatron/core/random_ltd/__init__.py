@@ -8,6 +8,7 @@ unchanged. r_t grows from r_0 to s (MSLG). Activations are batch-first `[b, s, h
 - schedule.py    MSLG: r_t for iteration t, exact integer arithmetic
 - sampler.py     kept indices as a pure function of (seed, iteration, sample, layer): layout-invariant
 - routing.py     gather -> run layer -> scatter; what the transformer block calls
+- sequence_parallel.py  the same under sequence parallelism: kept tokens to their kept-list owners
 - plan.py        per micro-batch: the draw's key (global sample ids) and r_t, built for the trainer
 - accounting.py  layer-tokens per iteration and over a run, theoretical saving, training-length plans
 

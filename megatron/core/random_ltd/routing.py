@@ -18,6 +18,10 @@ Layer contract: `layer(hidden [b, n, h], position_ids=[b, n] long or None, paddi
 None) -> [b, n, h]`, where padding_mask is True for a padded KEY and position_ids None means 0..n-1.
 Causal or not is the layer's own business.
 
+Under sequence parallelism the block passes this rank's chunk of the sequence and the kept tokens are
+routed to the ranks that own their slots in the kept list (`sequence_parallel.py`); the indices are the
+same.
+
 Glossary: b micro batch, s sequence, r kept tokens, h hidden.
 """
 
@@ -26,7 +30,9 @@ from typing import Callable, Dict, FrozenSet, Optional
 
 import torch
 
+from megatron.core import parallel_state as ps
 from megatron.core.random_ltd.sampler import kept_indices_for_layers
+from megatron.core.random_ltd.sequence_parallel import run_layer_on_kept_sequence_parallel
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,18 @@ def forward_layer(
     ltd: Optional[RandomLTDState],
     position_ids: Optional[torch.Tensor] = None,
     padding_mask: Optional[torch.Tensor] = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """The block's one call per layer: drop tokens if `ltd` says so for this layer, else run densely.
 
-    Pass ltd=None in eval (the full sequence is always used there).
+    Pass ltd=None in eval (the full sequence is always used there). With `sequence_parallel` hidden is
+    this TP rank's chunk [b, s/tp, h] and the kept tokens are routed by `sequence_parallel.py`.
     """
-    idx = None if ltd is None else ltd.indices_for(layer_number, hidden.shape[1])  # [b, r] or None
+    tp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+    s = hidden.shape[1] * tp
+    idx = None if ltd is None else ltd.indices_for(layer_number, s)  # [b, r] or None
     if idx is None:
-        return layer(hidden, position_ids=position_ids, padding_mask=padding_mask)  # [b, s, h]
+        return layer(hidden, position_ids=position_ids, padding_mask=padding_mask)  # [b, s, h] or [b, s/tp, h]
+    if tp > 1:
+        return run_layer_on_kept_sequence_parallel(layer, hidden, idx, position_ids, padding_mask)  # [b, s/tp, h]
     return run_layer_on_kept(layer, hidden, idx, position_ids, padding_mask)  # [b, s, h]

@@ -9,6 +9,13 @@ and sequence. Activations are `[b, s, h]`; the split is always on the last dim.
 
 Column then row (fc1 -> fc2, qkv -> proj) needs one all-reduce forward and one backward.
 
+With sequence parallelism (`sequence_parallel=True`) the input of a column-parallel GEMM is this rank's
+chunk of the sequence `[b, s/tp, in]`: it is all-gathered inside the GEMM (and gathered again in backward
+for the weight gradient instead of being kept, as Megatron does), and the input gradient is
+reduce-scattered. The row-parallel GEMM reduce-scatters its output to `[b, s/tp, out]` instead of
+all-reducing it; its bias, added to local tokens only, gets a partial gradient and is tagged
+`sequence_parallel` (the trainer sums such gradients over the TP group).
+
 Constructors only allocate (`torch.empty`): the model draws each parameter at full size and keeps its
 shard (see `sharding.py`), so weights do not depend on the layout. Every parameter is tagged with
 `tensor_model_parallel` (and, if split, `partition_dim` / `partition_stride`), also when tp == 1.
@@ -22,8 +29,9 @@ from torch import nn
 
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region, scatter_to_tensor_model_parallel_region,
+    _gather_seq, _reduce_scatter_seq, copy_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region, reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.sharding import divide, set_tensor_model_parallel_attributes
 
@@ -32,14 +40,38 @@ def _param(*shape, device=None, dtype=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
 
 
+class _SequenceGatherLinear(torch.autograd.Function):
+    """Forward: all-gather the sequence chunks of x, then x W^T + b; only the chunk is saved.
+    Backward: the input gradient reduce-scattered over the sequence; x gathered again for dW."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # x: [b, s/tp, in], weight: [out/tp, in], bias: [out/tp] or None
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(_gather_seq(x), weight, bias)  # [b, s, out/tp]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: [b, s, out/tp]
+        x, weight = ctx.saved_tensors
+        grad_x = _reduce_scatter_seq(grad.matmul(weight))  # [b, s/tp, in], summed over the ranks' partials
+        total = _gather_seq(x)  # [b, s, in]
+        grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(total.reshape(-1, total.shape[-1]))  # [out/tp, in]
+        grad_b = grad.sum(dim=(0, 1)) if ctx.has_bias else None  # [out/tp]
+        return grad_x, grad_w, grad_b
+
+
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                           gather_output: bool = False) -> torch.Tensor:
+                           gather_output: bool = False, sequence_parallel: bool = False) -> torch.Tensor:
     """The column-parallel GEMM on a replicated input; also the tied LM head (weight = embedding shard).
 
-    x [b, s, in], weight [out/tp, in], bias [out/tp] -> [b, s, out/tp], or [b, s, out] with gather_output.
+    x [b, s, in] (sequence parallel: [b, s/tp, in]), weight [out/tp, in], bias [out/tp] -> [b, s, out/tp],
+    or [b, s, out] with gather_output.
     """
-    x = copy_to_tensor_model_parallel_region(x)  # [b, s, in]; backward sums the ranks' input grads
-    y = F.linear(x, weight, bias)  # [b, s, out/tp]
+    if sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        y = _SequenceGatherLinear.apply(x, weight, bias)  # [b, s, out/tp]
+    else:
+        x = copy_to_tensor_model_parallel_region(x)  # [b, s, in]; backward sums the ranks' input grads
+        y = F.linear(x, weight, bias)  # [b, s, out/tp]
     return gather_from_tensor_model_parallel_region(y) if gather_output else y
 
 
@@ -52,8 +84,10 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = False,
-                 stride: int = 1, *, name: str = "ColumnParallelLinear output size", device=None, dtype=None):
+                 stride: int = 1, *, name: str = "ColumnParallelLinear output size", sequence_parallel: bool = False,
+                 device=None, dtype=None):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         tp = parallel_state.get_tensor_model_parallel_world_size()
         assert output_size % stride == 0, f"output size {output_size} is not {stride} equal blocks"
         self.input_size, self.output_size, self.gather_output = input_size, output_size, gather_output
@@ -66,8 +100,9 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, s, in]
-        return column_parallel_linear(x, self.weight, self.bias, self.gather_output)  # [b, s, out/tp] or [b, s, out]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, s, in], or [b, s/tp, in] sequence parallel
+        return column_parallel_linear(x, self.weight, self.bias, self.gather_output,
+                                      self.sequence_parallel)  # [b, s, out/tp] or [b, s, out]
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, local_out={self.output_size_per_partition}"
@@ -82,8 +117,10 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, input_is_parallel: bool = True,
-                 *, name: str = "RowParallelLinear input size", device=None, dtype=None):
+                 *, name: str = "RowParallelLinear input size", sequence_parallel: bool = False, device=None,
+                 dtype=None):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.input_size, self.output_size, self.input_is_parallel = input_size, output_size, input_is_parallel
         self.input_size_per_partition = divide(input_size, tp, name)
@@ -92,6 +129,7 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = _param(output_size, device=device, dtype=dtype)
             set_tensor_model_parallel_attributes(self.bias, False)
+            self.bias.sequence_parallel = sequence_parallel  # added to local tokens: a partial gradient
         else:
             self.register_parameter("bias", None)
 
@@ -99,7 +137,10 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)  # [b, s, in/tp]
         y = F.linear(x, self.weight)  # [b, s, out], this rank's partial sum
-        y = reduce_from_tensor_model_parallel_region(y)  # [b, s, out]
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y)  # [b, s/tp, out]
+        else:
+            y = reduce_from_tensor_model_parallel_region(y)  # [b, s, out]
         # The bias is added after the reduction, or it would be counted tp times.
         return y if self.bias is None else y + self.bias
 

@@ -52,20 +52,22 @@ class SelfAttention(nn.Module):
         self.local_heads = config.num_attention_heads // tp
         self.local_groups = config.num_query_groups // tp
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * config.head_dim  # 3h for MHA
-        self.linear_qkv = ColumnParallelLinear(h, qkv_size, bias=config.add_bias_linear)
-        self.linear_proj = RowParallelLinear(h, h, bias=config.add_bias_linear)
+        sp = config.sequence_parallel
+        self.linear_qkv = ColumnParallelLinear(h, qkv_size, bias=config.add_bias_linear, sequence_parallel=sp)
+        self.linear_proj = RowParallelLinear(h, h, bias=config.add_bias_linear, sequence_parallel=sp)
 
     def forward(
         self,
-        x: torch.Tensor,  # [b, n, h]
-        position_ids: Optional[torch.Tensor] = None,  # [b, n]
+        x: torch.Tensor,  # [b, n, h]; sequence parallel: this rank's chunk [b, n/tp, h]
+        position_ids: Optional[torch.Tensor] = None,  # [b, n], all n tokens
         padding_mask: Optional[torch.Tensor] = None,  # [b, n], True = padded key
     ) -> torch.Tensor:
         cfg = self.config
-        b, n, _ = x.shape
         nh, ng, hd = self.local_heads, self.local_groups, cfg.head_dim  # on this tensor-parallel rank
         nq = nh // ng  # query heads per group
-        qkv = self.linear_qkv(x).view(b, n, ng, nq + 2, hd)  # [b, n, ng, nq + 2, hd]
+        qkv = self.linear_qkv(x)  # [b, n, ng * (nq + 2) * hd]: the whole sequence (gathered if sequence parallel)
+        b, n = qkv.shape[:2]
+        qkv = qkv.view(b, n, ng, nq + 2, hd)  # [b, n, ng, nq + 2, hd]
         q, k, v = qkv.split([nq, 1, 1], dim=3)  # [b, n, ng, nq, hd], [b, n, ng, 1, hd] x 2
         q = q.reshape(b, n, nh, hd).transpose(1, 2)  # [b, nh, n, hd]
         k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)  # each [b, ng, n, hd]
@@ -93,5 +95,5 @@ class SelfAttention(nn.Module):
         else:
             out = core_attention(q, k, v, mask, dropout, causal)  # [b, nh, n, hd]
         out = out.transpose(1, 2).reshape(b, n, nh * hd)  # [b, n, h/tp]
-        return self.linear_proj(out)  # [b, n, h]
+        return self.linear_proj(out)  # [b, n, h], or [b, n/tp, h] sequence parallel
 

@@ -35,7 +35,8 @@ class TransformerBlock(nn.Module):
         """Layers [start, end) as one function of (hidden, position_ids, padding_mask, ltd)."""
         def run(hidden, position_ids, padding_mask, ltd):
             for layer in self.layers[start:end]:
-                hidden = forward_layer(layer, hidden, layer.layer_number, ltd, position_ids, padding_mask)  # [b, s, h]
+                hidden = forward_layer(layer, hidden, layer.layer_number, ltd, position_ids, padding_mask,
+                                       self.config.sequence_parallel)  # [b, s, h] ([b, s/tp, h] seq. parallel)
             return hidden
         return run
 

@@ -49,6 +49,9 @@ class TransformerConfig:
     # Keep the residual stream (embedding output, residual adds, pipeline messages) in fp32 while the
     # parameters are bf16/fp16; the norms read it and hand their linears the parameter dtype.
     fp32_residual_connection: bool = False
+    # Sequence parallelism (needs TP > 1): between the tensor-parallel GEMMs the residual stream, norms and
+    # dropouts hold this rank's chunk of the sequence, [b, s/tp, h] (docs/parallelism.md).
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         if self.max_position_embeddings is None:

@@ -21,15 +21,17 @@ class MLP(nn.Module):
         f, tp = config.ffn_hidden_size, parallel_state.get_tensor_model_parallel_world_size()
         if f % tp:
             raise UserError(f"--ffn-hidden-size {f} is not divisible by --tensor-model-parallel-size {tp}")
+        sp = config.sequence_parallel
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, 2 * f if self.swiglu else f,
-                                               bias=config.add_bias_linear, stride=2 if self.swiglu else 1)
-        self.linear_fc2 = RowParallelLinear(f, config.hidden_size, bias=config.add_bias_linear)
+                                               bias=config.add_bias_linear, stride=2 if self.swiglu else 1,
+                                               sequence_parallel=sp)
+        self.linear_fc2 = RowParallelLinear(f, config.hidden_size, bias=config.add_bias_linear, sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, n, h]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, n, h], or [b, n/tp, h] sequence parallel
         y = self.linear_fc1(x)  # [b, n, f/tp] or [b, n, 2f/tp]
         if self.swiglu:
             gate, up = y.chunk(2, dim=-1)  # [b, n, f/tp] each
             y = F.silu(gate) * up
         else:
             y = F.gelu(y)
-        return self.linear_fc2(y)  # [b, n, h]
+        return self.linear_fc2(y)  # [b, n, h], or [b, n/tp, h] sequence parallel

@@ -34,6 +34,10 @@ class RMSNorm(nn.Module):
 
 
 def build_norm(config) -> nn.Module:
-    if config.normalization == "RMSNorm":
-        return RMSNorm(config.hidden_size, config.layernorm_epsilon)
-    return LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+    """The norm; under sequence parallelism its parameters see only this rank's tokens, so they are tagged
+    `sequence_parallel` and their gradients summed over the TP group."""
+    norm = (RMSNorm(config.hidden_size, config.layernorm_epsilon) if config.normalization == "RMSNorm"
+            else LayerNorm(config.hidden_size, eps=config.layernorm_epsilon))
+    for p in norm.parameters():
+        p.sequence_parallel = config.sequence_parallel
+    return norm
