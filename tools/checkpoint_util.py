@@ -16,7 +16,10 @@ It does not depend on the data-parallel size, hence no target DP size here: any 
 optimizer's state and the RNG states are dropped because they only make sense in the layout that wrote
 them, so resume with `--no-load-optim --no-load-rng` (or `--finetune`). Nothing is written unless the whole conversion
 succeeds: the files go through the trainer's crash-safe save protocol, the tracker file replaced last. A
-full disk or a permission error is one `error:` line (exit 2) like any bad input. Logic:
+full disk or a permission error is one `error:` line (exit 2) like any bad input. A checkpoint written by
+Megatron-LM or Megatron-DeepSpeed (legacy `torch` format, any TP/PP) is read too and written in our format:
+its weights (names mapped to ours), args and iteration; what our GPT lacks (MoE, ...) is refused in one line,
+nothing written (docs/checkpoints.md, "From Megatron-LM"). Logic:
 megatron/checkpoint/convert.py (whole checkpoints) and layout.py (each parameter's split, read off the model).
 """
 
@@ -82,6 +85,9 @@ def main(argv=None) -> int:
     print(f"converted iteration {s['iteration']}: TP={s['source'][0]} PP={s['source'][1]} -> "
           f"TP={tp} PP={pp} ({s['files']} files) in {args.save}")
     print(f"parameters: {s['parameters']:,}")
+    if s["imported"] is not None:
+        print(f"read a {s['imported']['source']} checkpoint: parameter names mapped to ours, "
+              f"{s['imported']['extra_states']} _extra_state entries dropped")
     old, new = s["vocab"]
     if s["true_vocab"] is None:
         print(f"padded vocabulary kept at {old} rows (tokenizer not found from the saved flags); a training run "

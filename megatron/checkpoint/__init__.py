@@ -16,6 +16,7 @@
     layout.py      an unsharded state dict <-> TP x PP shards, each parameter's split read off the model
     convert.py     whole checkpoints on disk to another layout (tools/checkpoint_util.py), vocab re-padding
     reader.py      `--load` -> the unsharded model and args, any layout (evaluation, export, fine-tuning)
+    megatron_lm.py a rank file written by Megatron-LM (Namespace args, TE names) read as ours, or refused
     tokenizer.py   the training tokenizer from the saved flags
     training.py    what a training run saves and how it resumes (the trainer's side)
 

@@ -22,6 +22,9 @@ exactly like the model, and the `optimizer` entry (grad scaler, param groups) is
 a rank's dict carries its distrib_optim.pt under OPTIM_KEY. Resume such a conversion with `--no-load-rng`.
 That file does not depend on the data-parallel size, so there is no DP to convert.
 
+A checkpoint written by Megatron-LM (megatron_lm.py) converts too, from any TP x PP: its weights, args and
+iteration are kept, its optimizer, scheduler and RNG states dropped; the output is in our format.
+
 Without distrib_optim.pt the optimizer state is dropped: the plain optimizer keeps its moments per rank,
 in the order of the rank's local main parameters, with no counterpart in another layout. RNG states are
 always dropped (their streams belong to a position in the grid). Resume a converted checkpoint of a plain
@@ -35,6 +38,7 @@ from typing import Dict, Optional
 import torch
 
 from megatron.checkpoint.layout import Rank, merge_model, split_model
+from megatron.checkpoint.megatron_lm import IMPORTED, import_checkpoint, other_format_hint
 from megatron.checkpoint.naming import DISTRIB_OPTIM, TRACKER, checkpoint_dir, parallel_sizes, parse_rank_dir, rank_file_relpath
 from megatron.checkpoint.protocol import committed_dir, read_tracker, torch_load, write_checkpoint_files
 from megatron.checkpoint.tokenizer import tokenizer_vocab_size
@@ -79,6 +83,11 @@ def _load(path: str) -> dict:
         return torch_load(path)  # a file in torch's old non-zip format cannot be mapped
 
 
+def _load_rank_file(path: str) -> dict:
+    """A model_optim_rng.pt; one written by Megatron-LM is read as ours (megatron_lm.py)."""
+    return import_checkpoint(_load(path), path)
+
+
 def read_checkpoint(root: str, iteration: Optional[int] = None, optimizer: bool = False) -> ShardedCheckpoint:
     """Load every rank's file of the latest (or given) iteration; the layout comes from the saved args,
     or from the rank folders when the args do not say. With `optimizer`, each rank's distrib_optim.pt too
@@ -93,12 +102,12 @@ def read_checkpoint(root: str, iteration: Optional[int] = None, optimizer: bool 
     names = sorted(os.listdir(folder))
     sizes = parallel_sizes(names)
     if sizes is None:
-        raise UserError(f"{folder} holds no mp_rank_* folders")
+        raise UserError(f"{folder} holds no mp_rank_* folders{other_format_hint(folder)}")
     tp, pp = sizes
     first = os.path.join(folder, _rank_relpath(0, 0, pp))
     if not os.path.isfile(first):
         raise UserError(f"checkpoint file {first} is missing; the checkpoint at {root} is incomplete")
-    files = {(0, 0): _load(first)}
+    files = {(0, 0): _load_rank_file(first)}
     args = files[(0, 0)].get("args") or {}
     tp = int(args.get("tensor_model_parallel_size") or tp)
     pp = int(args.get("pipeline_model_parallel_size") or pp)
@@ -112,7 +121,7 @@ def read_checkpoint(root: str, iteration: Optional[int] = None, optimizer: bool 
             if not os.path.isfile(path):
                 raise UserError(f"checkpoint file {path} is missing (TP rank {t}, stage {p} of TP={tp} PP={pp})")
             if (t, p) not in files:
-                files[(t, p)] = _load(path)
+                files[(t, p)] = _load_rank_file(path)
     for rank, ckpt in files.items():
         path = os.path.join(folder, _rank_relpath(*rank, pp))
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
@@ -122,7 +131,7 @@ def read_checkpoint(root: str, iteration: Optional[int] = None, optimizer: bool 
         if differ:
             raise UserError(f"{path} disagrees with rank (0, 0) on {differ[0]}: {theirs.get(differ[0])!r} vs "
                             f"{args.get(differ[0])!r}; the rank files come from different runs")
-    if optimizer:
+    if optimizer and IMPORTED not in files[(0, 0)]:  # Megatron-LM's optimizer state is not read
         _read_distrib_optim(folder, files, pp)
     return ShardedCheckpoint(root, iteration, tp, pp, files)
 
@@ -279,10 +288,15 @@ def convert_checkpoint(load: str, save: str, tp: int, pp: int, iteration: Option
     write_checkpoint(save, sharded.iteration, files, pp)
     optim = merged.get(OPTIM_KEY)
     kept = set(KEPT_KEYS) | ({"optimizer", OPTIM_KEY} if optim is not None else set())
-    dropped = sorted(set(sharded.files[(0, 0)]) - kept)
+    head = sharded.files[(0, 0)]
+    imported = head.get(IMPORTED)
+    if imported is not None:  # _extra_state entries dropped in all the files
+        imported = {**imported, "extra_states": sum(f[IMPORTED]["extra_states"] for f in sharded.files.values())}
+    dropped = sorted((set(head) - kept - {IMPORTED}) | set(imported["dropped"] if imported else ()))
     return {"iteration": sharded.iteration, "source": (sharded.tp, sharded.pp), "target": (tp, pp),
             "parameters": sum(v.numel() for v in merged["model"].values()), "files": len(files),
             "dropped": dropped, "vocab": (old_vocab, merged["model"]["embedding.word_embeddings.weight"].shape[0]),
             "true_vocab": true_vocab,
             "distrib_optim": None if optim is None else {"states": list(_per_param(optim)), "step": optim.get("step")},
+            "imported": imported,
             "resume_hint": RESUME_HINT if optim is None else RESUME_HINT_WITH_OPTIM}

@@ -123,13 +123,13 @@ class ModelLayout:
 
 
 def check_parallel_sizes(layout: ModelLayout, tp: int, pp: int, what: str = "target") -> None:
-    """Every TP rank must hold whole heads, whole FFN units and an equal slice of the vocabulary; every
-    stage an equal number of layers."""
+    """Every TP rank must hold whole heads, whole query groups (QKV rows are grouped per key/value head),
+    whole FFN units and an equal slice of the vocabulary; every stage an equal number of layers."""
     if tp < 1 or pp < 1:
         raise UserError(f"{what} tensor- and pipeline-parallel sizes must be >= 1, got TP={tp} PP={pp}")
     c = layout.config
-    for count, name in ((c.num_attention_heads, "attention heads"), (c.ffn_hidden_size, "FFN units"),
-                        (c.vocab_size, "padded vocabulary entries")):
+    for count, name in ((c.num_attention_heads, "attention heads"), (c.num_query_groups, "query groups"),
+                        (c.ffn_hidden_size, "FFN units"), (c.vocab_size, "padded vocabulary entries")):
         if count % tp:
             raise UserError(f"{what} tensor-parallel size {tp} does not divide the model's {count} {name}")
     if layout.num_layers % pp:

@@ -27,6 +27,7 @@ from megatron.core.transformer.config import TransformerConfig
 # flags stored under the config's own field name
 SAME_NAME = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings",
              "ffn_hidden_size", "position_embedding_type", "rotary_base", "rotary_percent", "normalization", "swiglu",
+             "openai_gelu",
              "hidden_dropout", "attention_dropout", "init_method_std", "untie_embeddings_and_output_weights")
 # flag -> config field
 RENAMED = {"padded_vocab_size": "vocab_size", "norm_epsilon": "layernorm_epsilon"}
@@ -85,7 +86,7 @@ def build_model_from_args(args: Mapping, pre_process: bool = True, post_process:
 # the position flags only where the position embedding uses them (rope has no table, learned no base).
 MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "group_query_attention", "ffn_hidden_size",
                "position_embedding_type",
-               "normalization", "norm_epsilon", "swiglu", "disable_bias_linear",
+               "normalization", "norm_epsilon", "swiglu", "openai_gelu", "disable_bias_linear",
                "untie_embeddings_and_output_weights", "padded_vocab_size", "true_vocab_size", "bert_binary_head")
 POSITION_FLAGS = {"learned_absolute": ("max_position_embeddings",), "rope": ("rotary_base", "rotary_percent")}
 
@@ -97,10 +98,21 @@ def _flag_text(key: str, saved, here) -> str:
     return f"{name} {saved!r} in the checkpoint, {here!r} here"
 
 
+def _with_default_ffn(args: Mapping) -> Mapping:
+    """`args` with ffn_hidden_size filled in when it is None (not given: 4h, or the SwiGLU size), as the
+    model fills it: Megatron-LM records the size it derived, our runs the flag as given."""
+    if args.get("ffn_hidden_size") is not None or not args.get("hidden_size") or not args.get("num_attention_heads"):
+        return args
+    config = TransformerConfig(num_layers=1, hidden_size=args["hidden_size"], seq_length=1, vocab_size=1,
+                               num_attention_heads=args["num_attention_heads"], swiglu=bool(args.get("swiglu")))
+    return {**args, "ffn_hidden_size": config.ffn_hidden_size}
+
+
 def check_model_flags(saved: Mapping, here: Mapping, where: str) -> None:
     """Every model flag that differs between a checkpoint's saved args and this run's (both Megatron-named
     dicts), in one line (not only the first). Flags either side does not record (older checkpoints) are
-    not compared."""
+    not compared; an FFN size not given compares as the size the model derives."""
+    saved, here = _with_default_ffn(saved), _with_default_ffn(here)
     keys = MODEL_FLAGS + POSITION_FLAGS.get(here.get("position_embedding_type"), ())
     if here.get("group_query_attention") and saved.get("group_query_attention"):
         keys += ("num_query_groups",)  # saved (default 1) but unused without grouped-query attention

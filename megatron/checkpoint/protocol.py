@@ -5,7 +5,8 @@
 
 With pipeline parallelism the rank folders are `mp_rank_{tp:02d}_{pp:03d}` (every name: naming.py).
 Files hold only tensors and plain Python values (args as a dict, RNG states as tensors), and every load
-uses `torch.load(weights_only=True)`, so a checkpoint carrying a pickled payload is refused unrun.
+uses `torch.load(weights_only=True)`, so a checkpoint carrying a pickled payload is refused unrun. A file
+written by Megatron-LM (args an argparse.Namespace) is read as ours by megatron_lm.py.
 
 Saving iteration X (a kill -9 or a node crash at any moment leaves the tracker and the checkpoint it
 names loadable; tests/reliability/test_crash_safe_saves.py kills saves at random and at every step):
@@ -35,6 +36,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron.checkpoint import megatron_lm
 from megatron.checkpoint.naming import (
     TRACKER, checkpoint_dir, parallel_sizes, parse_iteration_dir, rank_file_relpath,
 )
@@ -281,7 +283,8 @@ def read_tracker(root: str) -> Optional[int]:
     with open(tracker) as f:
         text = f.read().strip()
     if not text.isdigit():
-        raise UserError(f"{tracker} holds {text[:40]!r}, not an iteration number; fix or delete it")
+        fix = megatron_lm.RELEASE_HINT if text == "release" else "fix or delete it"
+        raise UserError(f"{tracker} holds {text[:40]!r}, not an iteration number; {fix}")
     return int(text)
 
 
@@ -304,17 +307,38 @@ def complete_iterations(root: str) -> List[int]:
     return sorted(found, reverse=True)
 
 
-def torch_load(path: str, mmap: bool = False) -> dict:
-    """torch.load with weights_only=True; a pickled payload or a damaged file becomes a one-line UserError."""
+def _refuse_payload(path: str, name: str) -> None:
+    raise UserError(f"refused checkpoint {path}: it holds a pickled Python object ({name}), which is never run; "
+                    "checkpoints hold only tensors, plain values and (Megatron-LM's) argparse.Namespace args") from None
+
+
+def _unsafe_globals(path: str) -> List[str]:
+    """The classes and functions a file's pickle names outside torch's allowlist, read without running
+    anything; [] when torch cannot list them (a damaged or old-format file: torch.load reports it)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def torch_load(path: str, mmap: bool = False) -> dict:
+    """torch.load with weights_only=True; a pickled payload or a damaged file becomes a one-line UserError.
+
+    Besides tensors and plain values, a Megatron-LM file's argparse.Namespace loads, and its enums, numpy
+    RNG arrays and TE's BytesIO load as inert records (megatron_lm.py, part 1); any other class or
+    function is refused unrun."""
+    names = _unsafe_globals(path)
+    refused = megatron_lm.refused_globals(names)
+    if refused:
+        _refuse_payload(path, refused[0])
+    try:
+        with torch.serialization.safe_globals(megatron_lm.safe_globals(names)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - whatever the file holds, one line and no traceback
         detail = " ".join(str(e).split())
         payload = re.search(r"GLOBAL ([\w.]+\w)", detail)
         if payload:  # weights_only met a class or function reference: code that a full unpickle would run
-            raise UserError(f"refused checkpoint {path}: it holds a pickled Python object ({payload.group(1)}), "
-                            "which is never run; checkpoints of this project hold only tensors and plain "
-                            "values") from None
+            _refuse_payload(path, payload.group(1))
         detail = detail.split("WeightsUnpickler error: ")[-1].split(" Check the documentation")[0]
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {detail[:160]}); the file is "
                         "damaged or was not written by this project") from None
@@ -330,8 +354,9 @@ def load_checkpoint(root: str, iteration: Optional[int] = None, tp_rank: int = 0
             return None
     path = committed_file(root, iteration, tp_rank, pp_rank)
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint file {path} is missing; the checkpoint at {root} is incomplete")
-    ckpt = torch_load(path)
+        hint = megatron_lm.other_format_hint(os.path.dirname(os.path.dirname(path)))
+        raise UserError(f"checkpoint file {path} is missing; the checkpoint at {root} is incomplete{hint}")
+    ckpt = megatron_lm.import_checkpoint(torch_load(path), path)  # one of ours: unchanged
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if ckpt.get("iteration", iteration) != iteration:

@@ -22,7 +22,9 @@ loads at any data-parallel size and tools/checkpoint_util.py re-splits it for an
 
 Resume checks what makes a checkpoint unusable before touching the model: another TP x PP layout
 (convert it with tools/checkpoint_util.py) or other model flags (model_args.check_model_flags), then
-loads strictly. `--finetune` takes the weights only.
+loads strictly. `--finetune` takes the weights only. A checkpoint written by Megatron-LM (megatron_lm.py)
+loads with `--finetune`, or with `--no-load-optim --no-load-rng` to continue its iteration count: its
+optimizer and RNG states are never read.
 """
 
 import os
@@ -32,6 +34,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from megatron.checkpoint import protocol
+from megatron.checkpoint.megatron_lm import IMPORTED
 from megatron.checkpoint.naming import DISTRIB_OPTIM
 from megatron.checkpoint.model_args import check_model_flags, describe_state_dict_mismatch
 from megatron.checkpoint.rng import get_rng_state_with_tracker, set_rng_state_with_tracker
@@ -117,6 +120,10 @@ def load(root: str, args: Mapping, model: torch.nn.Module, optimizer, *, fallbac
         return None
     iteration, ckpt = chosen
     where = f"checkpoint iteration {iteration} in {root}"
+    if IMPORTED in ckpt and not finetune and (load_optim or load_rng):
+        raise UserError(f"{where} was written by {ckpt[IMPORTED]['source']}: only its weights are read (not its "
+                        "optimizer or RNG states); add --finetune, or --no-load-optim --no-load-rng to continue "
+                        "its iteration count")
     check_model_flags(ckpt.get("args") or {}, args, where)
     if not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{where} holds no model state dict")

@@ -7,16 +7,12 @@ Architectures (ours -> theirs; anything else has no exact equivalent and is refu
 
 | ours                                             | transformers      |
 |--------------------------------------------------|-------------------|
-| learned positions + LayerNorm + GELU MLP         | GPT-2 (`gelu`, exact erf) |
+| learned positions + LayerNorm + GELU MLP         | GPT-2 (`gelu`, exact erf; `gelu_new` with --openai-gelu) |
 | RoPE (rotate-half) + RMSNorm + SwiGLU MLP        | Llama (`attention_bias`/`mlp_bias` = our linear biases) |
 
-Weight layout. Our QKV rows are grouped per query group, `[G, nh/G + 2, hd]` x h (`[nh, 3, hd]` without
-grouped-query attention); GPT-2's `c_attn` is a Conv1D (`[in, out]`, i.e. transposed) whose columns are
-`[3, nh, hd]` (GPT-2 has no grouped-query attention: refused); Llama has separate q `[nh*hd, h]` and k/v
-`[G*hd, h]` (`num_key_value_heads` = G; key head g serves query heads g*nh/G .. (g+1)*nh/G - 1, as ours).
-Partial rotary embeddings (`--rotary-percent` < 1) have no Llama equivalent and are refused.
-Our SwiGLU fc1 rows are `[gate; up]`. GPT-2 has biases everywhere: a model trained with
-`--disable-bias-linear` exports zero biases, which is the same function.
+Weight layout (QKV grouping, GPT-2's transposed Conv1D, SwiGLU's [gate; up], biases): the tables in
+`hf_mapping.py`, which the import (`hf_import.py`) reads the other way. GPT-2 has no grouped-query
+attention, and Llama no partial rotary embeddings (`--rotary-percent` < 1): both are refused.
 
 Vocabulary. The exported embedding keeps our padded vocabulary (`V` rows), so the logits are ours
 exactly; the padded ids (>= the tokenizer's size) are listed in the generation config's
@@ -36,12 +32,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
 from megatron.core.errors import UserError
 from megatron.core.transformer.config import TransformerConfig
+from megatron.evaluation.hf_mapping import check_logits as _check
+from megatron.evaluation.hf_mapping import gpt2_state_dict, llama_state_dict  # noqa: F401 (export's names)
+from megatron.evaluation.hf_mapping import max_logit_diff as _max_diff
 from megatron.evaluation.hf_tokenizer import save_tokenizer, tokenizers_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,76 +64,6 @@ def hf_architecture(config: TransformerConfig) -> str:
         f"+ LayerNorm + GELU (GPT-2) or rope + RMSNorm + --swiglu (Llama)")
 
 
-def _split_groups(t: torch.Tensor, config: TransformerConfig):
-    """Our per-group fused rows `[G*(nq+2)*hd, ...]` -> q `[nh*hd, ...]`, k and v `[G*hd, ...]`."""
-    G, hd = config.num_query_groups, config.head_dim
-    nq = config.num_attention_heads // G
-    t = t.view(G, nq + 2, hd, *t.shape[1:])  # [G, nq + 2, hd, ...]
-    return (t[:, :nq].reshape(-1, *t.shape[3:]), t[:, nq].reshape(-1, *t.shape[3:]),
-            t[:, nq + 1].reshape(-1, *t.shape[3:]))
-
-
-def _qkv(state: dict, prefix: str, config: TransformerConfig):
-    """Our grouped QKV weight and bias as (q, k, v) weights `[nh*hd | G*hd, h]` and biases (or None)."""
-    w = _split_groups(state[prefix + "linear_qkv.weight"], config)
-    b = state.get(prefix + "linear_qkv.bias")
-    return w, None if b is None else _split_groups(b, config)
-
-
-def gpt2_state_dict(state: dict, config: TransformerConfig) -> Dict[str, torch.Tensor]:
-    """Our GPT state dict -> GPT2LMHeadModel's (Conv1D weights are [in, out])."""
-    h, f = config.hidden_size, config.ffn_hidden_size
-    zeros = lambda n: torch.zeros(n, dtype=state["embedding.word_embeddings.weight"].dtype)  # noqa: E731
-    out = {"transformer.wte.weight": state["embedding.word_embeddings.weight"],
-           "transformer.wpe.weight": state["embedding.position_embeddings.weight"],
-           "transformer.ln_f.weight": state["decoder.final_layernorm.weight"],
-           "transformer.ln_f.bias": state["decoder.final_layernorm.bias"]}
-    for i in range(config.num_layers):
-        p, q = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        w, b = _qkv(state, p + "self_attention.", config)
-        out[q + "attn.c_attn.weight"] = torch.cat(w).t()  # [h, 3h]: columns q | k | v
-        out[q + "attn.c_attn.bias"] = zeros(3 * h) if b is None else torch.cat(b)
-        for ours, theirs, n in (("self_attention.linear_proj", "attn.c_proj", h), ("mlp.linear_fc1", "mlp.c_fc", f),
-                                ("mlp.linear_fc2", "mlp.c_proj", h)):
-            out[q + theirs + ".weight"] = state[p + ours + ".weight"].t()  # [in, out]
-            out[q + theirs + ".bias"] = state.get(p + ours + ".bias", zeros(n))
-        for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-            out[q + theirs + ".weight"] = state[p + ours + ".weight"]
-            out[q + theirs + ".bias"] = state[p + ours + ".bias"]
-    if config.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = state["output_layer.weight"]
-    return out
-
-
-def llama_state_dict(state: dict, config: TransformerConfig) -> Dict[str, torch.Tensor]:
-    """Our GPT state dict -> LlamaForCausalLM's (separate q/k/v, fc1 split into gate and up)."""
-    f = config.ffn_hidden_size
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    for i in range(config.num_layers):
-        p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
-        w, b = _qkv(state, p + "self_attention.", config)
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[q + f"self_attn.{name}.weight"] = w[j]
-            if b is not None:
-                out[q + f"self_attn.{name}.bias"] = b[j]
-        fc1_w, fc1_b = state[p + "mlp.linear_fc1.weight"], state.get(p + "mlp.linear_fc1.bias")
-        pairs = [("self_attn.o_proj", state[p + "self_attention.linear_proj.weight"],
-                  state.get(p + "self_attention.linear_proj.bias")),
-                 ("mlp.gate_proj", fc1_w[:f], None if fc1_b is None else fc1_b[:f]),
-                 ("mlp.up_proj", fc1_w[f:], None if fc1_b is None else fc1_b[f:]),
-                 ("mlp.down_proj", state[p + "mlp.linear_fc2.weight"], state.get(p + "mlp.linear_fc2.bias"))]
-        for name, weight, bias in pairs:
-            out[q + name + ".weight"] = weight
-            if bias is not None:
-                out[q + name + ".bias"] = bias
-        out[q + "input_layernorm.weight"] = state[p + "input_layernorm.weight"]
-        out[q + "post_attention_layernorm.weight"] = state[p + "pre_mlp_layernorm.weight"]
-    if config.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = state["output_layer.weight"]
-    return out
-
-
 def hf_config(config: TransformerConfig, args: dict, eod: int, pad: int):
     """The transformers config for our model: same shapes, eps, tying; EOD as BOS/EOS/pad."""
     from transformers import GPT2Config, LlamaConfig
@@ -145,7 +74,8 @@ def hf_config(config: TransformerConfig, args: dict, eod: int, pad: int):
     hidden_dropout, attention_dropout = args.get("hidden_dropout", 0.0), args.get("attention_dropout", 0.0)
     if hf_architecture(c) == "gpt2":
         return GPT2Config(n_positions=c.max_position_embeddings, n_embd=c.hidden_size, n_layer=c.num_layers,
-                          n_head=c.num_attention_heads, n_inner=c.ffn_hidden_size, activation_function="gelu",
+                          n_head=c.num_attention_heads, n_inner=c.ffn_hidden_size,
+                          activation_function="gelu_new" if c.openai_gelu else "gelu",
                           layer_norm_epsilon=c.layernorm_epsilon, resid_pdrop=hidden_dropout,
                           embd_pdrop=hidden_dropout, attn_pdrop=attention_dropout,
                           initializer_range=c.init_method_std, **common)
@@ -168,15 +98,6 @@ def _probe_tokens(loaded, seed: int = 0) -> torch.Tensor:
     """A random [2, min(L, 64)] batch of real (unpadded) token ids."""
     s = min(loaded.config.max_position_embeddings, 64)
     return torch.randint(0, loaded.tokenizer.vocab_size, (2, s), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def _max_diff(ours: torch.nn.Module, theirs: torch.nn.Module, tokens: torch.Tensor) -> float:
-    """Largest |logit difference| between our GPTModel and a transformers model, both run in fp32 on CPU,
-    relative to the largest |logit| where that exceeds 1 (fp32 rounding grows with the logits' scale)."""
-    a = ours(tokens).float()  # [b, s, V]
-    b = theirs(tokens).logits.float()  # [b, s, V]
-    return ((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item()
 
 
 def _fp32_reference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -252,8 +173,3 @@ def export_to_hf(loaded, out_dir: str, dtype: str = "float32", verify: bool = Tr
             shutil.rmtree(old, ignore_errors=True)
     return ExportResult(arch, fp32_diff, saved_diff)
 
-
-def _check(diff: float, what: str, tolerance: float = 1e-4) -> None:
-    if not diff <= tolerance:  # also NaN
-        raise UserError(f"{what} gives logits {diff:.2e} away from our model's (> {tolerance}); nothing was "
-                        f"written; please report this with the checkpoint's args")

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 
+from megatron.checkpoint.saved_flags import checkpoint_flags
 from megatron.core.errors import UserError
 from megatron.core.tokenizer import add_tokenizer_args
 from megatron.core.transformer.config import TransformerConfig
@@ -48,6 +49,8 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float,
                    default=MODEL_DEFAULTS["layernorm_epsilon"])
     g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="the tanh approximation of GELU (GPT-2's gelu_new), as Megatron's flag")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--hidden-dropout", type=float, default=MODEL_DEFAULTS["hidden_dropout"])
     g.add_argument("--attention-dropout", type=float, default=MODEL_DEFAULTS["attention_dropout"])
@@ -171,6 +174,9 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model flags, and the tokenizer flags unless --tokenizer-type is given, from the "
+                        "--load checkpoint (ours, a Hugging Face import or a Megatron-LM checkpoint)")
     g.add_argument("--load-fallback", action="store_true",
                    help="if the tracker's checkpoint is damaged, resume from the newest loadable older iteration")
     return p
@@ -226,8 +232,24 @@ def check_ranges(flags: argparse.Namespace) -> None:
 
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
-    """The flags, parsed and range-checked; cross-flag rules are `config.resolve_config`'s."""
-    flags = (parser or build_parser()).parse_args(argv)
+    """The flags, parsed and range-checked; cross-flag rules are `config.resolve_config`'s.
+
+    With --use-checkpoint-args the --load checkpoint's model flags are appended after the command line (so
+    they win, as in Megatron: they must match the weights), and its tokenizer flags too when the command
+    line gives no --tokenizer-type (a tokenizer whose files moved is named on the command line instead)."""
+    parser = parser or build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)  # before the required model flags are checked
+    first.add_argument("--use-checkpoint-args", action="store_true")
+    first.add_argument("--load", default=None)
+    first.add_argument("--tokenizer-type", default=None)
+    early, _ = first.parse_known_args(argv)
+    if early.use_checkpoint_args:
+        if not early.load:
+            raise UserError("--use-checkpoint-args reads the flags of the --load checkpoint: add --load DIR")
+        _, _, _, saved = checkpoint_flags(early.load)
+        argv = argv + saved.model + (saved.tokenizer if early.tokenizer_type is None else [])
+    flags = parser.parse_args(argv)
     check_ranges(flags)
     return flags
 

@@ -133,7 +133,9 @@ class Trainer:
                                report=print_rank_0)
         if ckpt is None or c.finetune:
             return
-        self.state.load_state_dict(ckpt["train_state"])
+        # an imported checkpoint may carry only Megatron's top-level counters
+        self.state.load_state_dict(ckpt.get("train_state") or {k: ckpt[k] for k in (
+            "iteration", "consumed_train_samples", "consumed_valid_samples") if k in ckpt})
         sched = ckpt.get("opt_param_scheduler") or {}
         self.sched_samples = int(sched.get("num_steps", self.state.consumed_train_samples))
         self.sched_layer_tokens = int(sched.get("num_layer_tokens", self.state.consumed_layer_tokens))

@@ -33,6 +33,7 @@ class TransformerConfig:
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-5
     swiglu: bool = False
+    openai_gelu: bool = False  # the tanh approximation of GELU (GPT-2's `gelu_new`) instead of the exact one
     add_bias_linear: bool = True
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1

@@ -1,4 +1,5 @@
-"""The feed-forward block: h -> ffn -> h with GELU, or SwiGLU (fc1 produces gate and up halves).
+"""The feed-forward block: h -> ffn -> h with GELU (exact, or tanh-approximated with --openai-gelu as
+GPT-2's `gelu_new`), or SwiGLU (fc1 produces gate and up halves).
 
 Tensor parallel: fc1 is column-parallel (each rank holds ffn/tp units; for SwiGLU its shard is
 [gate_r; up_r], a stride-2 split), fc2 row-parallel with one all-reduce.
@@ -18,6 +19,7 @@ class MLP(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.swiglu = config.swiglu
+        self.gelu_approximate = "tanh" if config.openai_gelu else "none"  # GPT-2's `gelu_new`, or exact
         f, tp = config.ffn_hidden_size, parallel_state.get_tensor_model_parallel_world_size()
         if f % tp:
             raise UserError(f"--ffn-hidden-size {f} is not divisible by --tensor-model-parallel-size {tp}")
@@ -33,5 +35,5 @@ class MLP(nn.Module):
             gate, up = y.chunk(2, dim=-1)  # [b, n, f/tp] each
             y = F.silu(gate) * up
         else:
-            y = F.gelu(y)
+            y = F.gelu(y, approximate=self.gelu_approximate)
         return self.linear_fc2(y)  # [b, n, h], or [b, n/tp, h] sequence parallel

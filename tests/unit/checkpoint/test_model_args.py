@@ -19,7 +19,7 @@ LLAMA = {**MINIMAL, "max_position_embeddings": 32, "ffn_hidden_size": 96, "posit
          "rotary_base": 500000, "normalization": "RMSNorm", "norm_epsilon": 1e-6, "swiglu": True,
          "disable_bias_linear": True, "hidden_dropout": 0.0, "attention_dropout": 0.05, "init_method_std": 0.01,
          "untie_embeddings_and_output_weights": True, "rotary_percent": 1.0, "group_query_attention": False,
-         "num_query_groups": None}
+         "num_query_groups": None, "openai_gelu": False}
 
 
 def test_flags_map_to_config_fields_and_back():
