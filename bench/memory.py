@@ -89,7 +89,6 @@ import os
 import socket
 import sys
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from types import MappingProxyType
@@ -106,7 +105,6 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.errors import UserError  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.optimizer.optimizer import ADAM_KEYS  # noqa: E402
-from megatron.core.random_ltd import sequence_parallel as ltd_sequence_parallel  # noqa: E402
 from megatron.core.random_ltd.config import default_ltd_layers  # noqa: E402
 from megatron.core.random_ltd.schedule import MSLGSchedule  # noqa: E402
 from megatron.core.tokenizer import build_tokenizer, tokenizer_config_from_args  # noqa: E402
@@ -115,6 +113,7 @@ from megatron.training.cli import ArgumentParser, run_cli  # noqa: E402
 from megatron.training.config import RunConfig, resolve_config  # noqa: E402
 from megatron.training.pretrain import set_seed  # noqa: E402
 from megatron.training.trainer import Trainer  # noqa: E402
+from bench.saved_bytes import PARTS, SavedTensorMeter, storages as _storages  # noqa: E402
 from pretrain_gpt_ltd import forward_step  # noqa: E402
 
 GB, MB = 1e9, 1e6
@@ -124,7 +123,6 @@ MEASURE_MAX_WORLD = 16
 STATE_KEYS = ("params", "grads", "main", "grad_copy", "adam")
 STATE_NAMES = ("params", "grad buffer", "fp32 main", "fp32 grad copy", "Adam m+v")
 RECOMPUTE = ("none", "selective", "full")
-PARTS = ("sequence", "tensor", "routing")  # of a layer's activations (module docstring)
 PART_NAMES = ("norms, dropout, residual", "attention + MLP (TP-split)", "LTD routing")
 # Run modes: (parameter bytes, gradient bytes); Megatron's published bytes per parameter for the same
 # (param, grad) dtypes, plain and with the distributed optimizer (docs/source/api-guide/dist_optimizer.md)
@@ -375,15 +373,6 @@ def paper_bytes(setup: Setup, recompute: str) -> Optional[float]:
 
 
 # ---- measured: one training step per recompute mode, one process per rank ----------------------------
-def _storages(tensors) -> Dict[int, int]:
-    """{storage data_ptr: bytes}: views of one storage count once."""
-    out = {}
-    for x in tensors:
-        st = x.untyped_storage()
-        out[st.data_ptr()] = st.nbytes()
-    return out
-
-
 def measure_state(trainer, copies: Dict[int, int]) -> Dict[str, int]:
     """The model-state bytes this rank holds at the optimizer step, by storage (`copies`: the fp32 gradient
     copies the step made, recorded before it freed them)."""
@@ -395,97 +384,6 @@ def measure_state(trainer, copies: Dict[int, int]) -> Dict[str, int]:
     return {"params": sum(params.values()), "grads": sum(grads.values()),
             "main": sum(v for k, v in main.items() if k not in params),
             "grad_copy": sum(v for k, v in copies.items() if k not in grads), "adam": sum(adam.values())}
-
-
-class SavedTensorMeter:
-    """Bytes autograd keeps for backward during one forward, by transformer layer (global number) or
-    "outside" (embedding, final norm, head, loss), and within a layer by PARTS. A storage counts once, for
-    the layer that saved it first; parameters never count.
-
-    Layer i's share is what is saved while it runs, plus what is saved in the gap before it (the LTD
-    gather or route) or, with full recompute, in the gap after it: the checkpoint is a custom autograd
-    Function, which packs its saved input when its forward returns, after the layers it ran. The part is
-    the innermost of the layer's modules running when the tensor was saved: a norm, a column-parallel GEMM
-    (it saves its input, a norm's output) or the layer's own code (dropout masks) is "sequence"; the rest
-    of attention and the MLP is "tensor"; the gap is "routing" (full recompute: "sequence", the layer's
-    input). The sequence-parallel LTD route is not a saved tensor but attributes of the routing Functions'
-    autograd nodes; it is counted when built with grad enabled (the nodes then keep it until backward)."""
-
-    def __init__(self, model, full_recompute: bool):
-        self.skip = set(_storages(model.parameters()))
-        self.full_recompute = full_recompute
-        self.seen, self.bytes, self.segment, self.done = set(), Counter(), None, False  # bytes: (segment, part)
-        self.parts: List[str] = []  # innermost last: the part of the running module
-        decoder, layers = model.decoder, list(model.decoder.layers)
-        after = [layer.layer_number for layer in layers[1:]] + ["outside"]
-        self.handles = [decoder.register_forward_pre_hook(lambda *_: self._enter(layers[0].layer_number)),
-                        decoder.register_forward_hook(lambda *_: self._enter("outside"))]
-        if decoder.final_layernorm is not None:
-            self.handles.append(decoder.final_layernorm.register_forward_pre_hook(lambda *_: self._enter("outside")))
-        for layer, nxt in zip(layers, after):
-            self.handles.append(layer.register_forward_pre_hook(lambda *_, k=layer.layer_number: self._enter(k)))
-            owner = layer.layer_number if full_recompute else nxt
-            self.handles.append(layer.register_forward_hook(lambda *_, k=owner: self._enter(k)))
-            for module, part in ((layer, "sequence"), (layer.self_attention, "tensor"), (layer.mlp, "tensor"),
-                                 (layer.input_layernorm, "sequence"), (layer.pre_mlp_layernorm, "sequence"),
-                                 (layer.self_attention.linear_qkv, "sequence"), (layer.mlp.linear_fc1, "sequence")):
-                self.handles += [module.register_forward_pre_hook(lambda *_, p=part: self.parts.append(p)),
-                                 module.register_forward_hook(lambda *_: self._leave())]
-        self.real_route = ltd_sequence_parallel.kept_token_route
-        ltd_sequence_parallel.kept_token_route = self._route
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        ltd_sequence_parallel.kept_token_route = self.real_route
-
-    def _enter(self, segment) -> None:
-        if self.segment is not None:
-            self.segment = segment
-
-    def _leave(self) -> None:  # returns None: a forward hook's result would replace the module's output
-        self.parts.pop()
-
-    def _count(self, x: torch.Tensor) -> None:
-        st = x.untyped_storage()
-        ptr = st.data_ptr()
-        if self.segment is not None and ptr not in self.skip and ptr not in self.seen:
-            self.seen.add(ptr)
-            part = self.parts[-1] if self.parts else "sequence" if self.full_recompute else "routing"
-            self.bytes[self.segment, part] += st.nbytes()
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        self._count(x)
-        return x
-
-    def _route(self, *args, **kwargs):
-        route = self.real_route(*args, **kwargs)
-        if torch.is_grad_enabled():  # else no autograd node keeps it (the full-recompute forward)
-            for field in dataclasses.fields(route):
-                value = getattr(route, field.name)
-                if isinstance(value, torch.Tensor):
-                    self._count(value)
-        return route
-
-    def by_layer(self) -> Dict[str, Dict[str, int]]:
-        """{layer: {part: bytes}} ("outside" has one part, "sequence")."""
-        out: Dict[str, Dict[str, int]] = {}
-        for (segment, part), v in self.bytes.items():
-            out.setdefault(str(segment), dict.fromkeys(PARTS, 0))[part] += v
-        return out
-
-    def wrap(self, forward_step):
-        """forward_step whose first call (the first micro-batch) is metered."""
-        def step(data_iterator, model):
-            if self.done:
-                return forward_step(data_iterator, model)
-            self.segment = "outside"
-            try:
-                with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda x: x):
-                    return forward_step(data_iterator, model)
-            finally:
-                self.segment, self.done = None, True
-        return step
 
 
 def _measure_rank(setup: Setup, out_dir: str) -> None:

@@ -64,19 +64,21 @@ def checkpoint_flags(load: str) -> Tuple[str, int, Tuple[int, int], SavedFlags]:
 
 
 def main(argv=None) -> int:
-    from megatron.training.cli import run_cli
-
-    def run(argv):
+    """Print the CKPT_* shell assignments; a user error is one `error:` line and exit 2 (this package does
+    not import megatron.training, whose run_cli does the same for the entry points)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
         if len(argv) != 1:
             raise UserError("usage: python -m megatron.checkpoint.saved_flags CHECKPOINT_DIR")
         root, iteration, (tp, pp), flags = checkpoint_flags(argv[0])
-        print(f"CKPT_ROOT={shlex.quote(root)} CKPT_ITERATION={iteration} CKPT_TP={tp} CKPT_PP={pp} "
-              f"CKPT_MODEL_TYPE={flags.model_type}")
-        print(f"CKPT_MODEL_ARGS={shlex.quote(shlex.join(flags.model))}")
-        print(f"CKPT_TOKENIZER_ARGS={shlex.quote(shlex.join(flags.tokenizer))}")
-        return 0
-
-    return run_cli(run, sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"CKPT_ROOT={shlex.quote(root)} CKPT_ITERATION={iteration} CKPT_TP={tp} CKPT_PP={pp} "
+          f"CKPT_MODEL_TYPE={flags.model_type}")
+    print(f"CKPT_MODEL_ARGS={shlex.quote(shlex.join(flags.model))}")
+    print(f"CKPT_TOKENIZER_ARGS={shlex.quote(shlex.join(flags.tokenizer))}")
+    return 0
 
 
 if __name__ == "__main__":

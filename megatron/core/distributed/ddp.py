@@ -141,8 +141,9 @@ class DataParallelGradSync:
         for bucket in self.buckets[self._next_to_launch:]:
             self._launch(bucket)
         for bucket in self.buckets:
-            bucket.work.wait()
-            bucket.work = None
+            if bucket.work is not None:  # None: already finished (a second call in the same step)
+                bucket.work.wait()
+                bucket.work = None
             bucket.ready.clear()
         self._next_to_launch = len(self.buckets)
 
