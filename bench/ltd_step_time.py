@@ -7,8 +7,19 @@ is not in any FLOP count, so this script measures
     measured ratio  = median over rounds of (LTD step time / dense step time of the same round)
     predicted ratio = what the model's own FLOP count says (below)
 
-and, separately, the draw and the gather/scatter alone, to see how much of any gap they explain.
-Target: measured within 5 % of predicted.
+and, separately, the draw and the gather/scatter alone (LTD's own work, as a share of the LTD step), to
+see how much of any gap they explain. Targets (issue 15): LTD's own work under 1 % of an LTD step on the
+CPU (2 % on a GPU); measured within 3 % of predicted at 12 layers.
+
+Two routings, measured side by side on the same model (`--routing both`, the default):
+
+    new   the trainer's path: every LTD layer's indices for the step drawn at once on the host
+          (`RandomLTDPlan.for_iteration`, numpy, int32), rows moved by the gather/scatter autograd pair
+          of random_ltd/routing.py that saves only the row numbers and writes the kept rows into the
+          residual in place (`forward_layer`)
+    old   the code before issue 15, kept here as the reference: the torch draw on the device at first use
+          (~85 small int64 kernels), `torch.gather` (saves its whole [b, s, h] input for backward) and an
+          out-of-place `Tensor.scatter` (a full copy forward, and again in backward)
 
 A step is forward + masked CE loss + backward + `Optimizer.step()` (AdamW, grad clipping) + zero_grad, on
 the trainer's own path at one process: gradients land in `main_grad` buffers (`DataParallelGradSync`, which
@@ -30,7 +41,7 @@ time is measured in every step and treated as the same fixed cost in dense and L
     predicted = (t_opt + t_model * F_ltd / F_dense) / (t_opt + t_model),   t_model = t_dense - t_opt
 
 Usage:
-    python bench/ltd_step_time.py                       # CPU default: ~1.5 min fp32 on 2 cores
+    python bench/ltd_step_time.py                       # CPU default: ~3 min fp32 on 2 cores (both routings)
     python bench/ltd_step_time.py --layers 12 --seq 512 --keep-fractions 0.25 --profile   # where time goes
     python bench/ltd_step_time.py --device cuda --dtype bf16 --hidden 2048 --heads 16 --seq 2048 \
         --layers 4,8 --batch 4 --keep-fractions 0.25,0.5,0.75 --steps 15
@@ -43,6 +54,7 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -51,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.core.distributed import DataParallelGradSync
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.optimizer import Optimizer, OptimizerConfig
-from megatron.core.random_ltd import RandomLTDState, run_layer_on_kept
+from megatron.core.random_ltd import RandomLTDPlan, RandomLTDState, forward_layer, routing
 from megatron.core.transformer.config import TransformerConfig
 
 SEED = 1234
@@ -72,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--seq", type=ints, default=[256, 512])
     p.add_argument("--keep-fractions", type=floats, default=[0.25, 0.5, 0.75], help="r/s values")
+    p.add_argument("--routing", choices=["new", "old", "both"], default="both",
+                   help="LTD steps with the current routing, the one before issue 15, or both (module docstring)")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each variant per round)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
@@ -112,24 +126,63 @@ def identity_layer(part, position_ids=None, padding_mask=None):
     return part
 
 
-def time_overhead(b, s, h, keep, ltd_layers, device, dtype, reps, clock):
+def old_run_layer_on_kept(layer, hidden, idx, position_ids=None, padding_mask=None, inplace=False):
+    """The routing before issue 15: torch.gather + out-of-place Tensor.scatter (module docstring)."""
+    b, s, h = hidden.shape
+    idx = idx.long()
+    rows = idx.unsqueeze(-1).expand(-1, -1, h)  # [b, r, h]
+    part = torch.gather(hidden, 1, rows)  # [b, r, h]
+    pos = idx if position_ids is None else torch.gather(position_ids, 1, idx)  # [b, r]
+    pad = None if padding_mask is None else torch.gather(padding_mask, 1, idx)  # [b, r]
+    return hidden.scatter(1, rows, layer(part, position_ids=pos, padding_mask=pad))  # [b, s, h]
+
+
+class FixedLength:
+    """A schedule keeping r tokens at every iteration (the plan asks only `kept_length`)."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def kept_length(self, iteration):
+        return self.keep
+
+
+def ltd_state(how, b, s, keep, ltd_layers, iteration, device):
+    """The step's RandomLTDState: new = drawn by the trainer's plan (host, int32, copied to the device);
+    old = the torch draw on the device at the first `indices_for` (as before issue 15)."""
+    if how == "new":
+        plan = RandomLTDPlan(SEED, s, FixedLength(keep), frozenset(ltd_layers), b, 0, 1)
+        return plan.for_iteration(iteration, 1, device)[0]
+    return RandomLTDState(SEED, iteration, torch.arange(b, device=device), keep, frozenset(ltd_layers))
+
+
+def with_routing(how):
+    """Context in which the block routes kept tokens the `how` way ("new": as the code is)."""
+    if how == "new":
+        return contextlib.nullcontext()
+    return mock.patch.object(routing, "run_layer_on_kept", old_run_layer_on_kept)
+
+
+def time_overhead(b, s, h, keep, ltd_layers, device, dtype, reps, clock, how):
     """Median (draw, gather+scatter fwd+bwd) seconds per step for all LTD layers, with an identity layer.
 
-    The rows moved are the residual stream's, in the parameter dtype (as in the model).
+    The rows moved are the residual stream's, in the parameter dtype (as in the model); the layers are
+    chained through `forward_layer` as in the block, so the new routing writes in place from the second.
     """
     x0 = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)  # [b, s, h]
     grad = torch.randn(b, s, h, device=device, dtype=dtype)  # [b, s, h]
-    sample_ids = torch.arange(b, device=device)
     draws, moves = [], []
     for it in range(reps + 1):
         t0 = clock()
-        state = RandomLTDState(SEED, 10_000 + it, sample_ids, keep, frozenset(ltd_layers))
-        idx = [state.indices_for(layer, s) for layer in sorted(ltd_layers)]
+        state = ltd_state(how, b, s, keep, ltd_layers, 10_000 + it, device)
+        for layer in sorted(ltd_layers):
+            state.indices_for(layer, s)
         t1 = clock()
         x = x0
-        for i in idx:
-            x = run_layer_on_kept(identity_layer, x, i)
-        x.backward(grad)
+        with with_routing(how):
+            for layer in sorted(ltd_layers):
+                x = forward_layer(identity_layer, x, layer, state)  # [b, s, h]
+        x.backward(grad.clone())  # the new routing writes into the incoming gradient
         t2 = clock()
         x0.grad = None
         if it:  # the first repetition is warm-up
@@ -154,18 +207,20 @@ def bench_config(args, L, s, device, clock):
     position_ids = torch.arange(s, device=device).expand(b, s)
     loss_mask = torch.ones(b, s, device=device)
     loss_mask[:, -s // 8:] = 0  # masked tail, as for a document cut by the sequence boundary
-    sample_ids = torch.arange(b, device=device)
     ltd_layers = frozenset(range(1, L - 1))
     keeps = [max(1, round(fr * s)) for fr in args.keep_fractions]
+    hows = ["new", "old"] if args.routing == "both" else [args.routing]
     iteration = 0
 
-    def step(keep):
+    def step(variant):
+        """One step; variant None (dense) or (r, "new" | "old"). The draw is inside the timed step."""
         nonlocal iteration
-        ltd = None if keep is None else RandomLTDState(SEED, iteration, sample_ids, keep, ltd_layers)
         t0 = clock()
-        loss = model(inputs, position_ids, labels, ltd=ltd)  # [b, s] fp32 (CE on fp32 logits)
-        loss = (loss * loss_mask).sum() / loss_mask.sum()
-        loss.backward()  # hooks add each .grad into the fp32 main_grad
+        ltd = None if variant is None else ltd_state(variant[1], b, s, variant[0], ltd_layers, iteration, device)
+        with with_routing("new" if variant is None else variant[1]):
+            loss = model(inputs, position_ids, labels, ltd=ltd)  # [b, s] fp32 (CE on fp32 logits)
+            loss = (loss * loss_mask).sum() / loss_mask.sum()
+            loss.backward()  # hooks add each .grad into the fp32 main_grad
         grad_sync.finish_grad_sync()  # nothing to reduce at dp = 1
         t1 = clock()
         opt.step()
@@ -174,7 +229,7 @@ def bench_config(args, L, s, device, clock):
         iteration += 1
         return t2 - t0, t2 - t1
 
-    variants = [None] + keeps
+    variants = [None] + [(keep, how) for keep in keeps for how in hows]
     times = {v: [] for v in variants}
     opt_times = []
     for rnd in range(args.steps + 1):  # round 0 is warm-up
@@ -185,23 +240,23 @@ def bench_config(args, L, s, device, clock):
                 times[v].append(total)
                 opt_times.append(t_opt)
     if args.profile:
-        profile_steps(step, keeps[0], device)
+        profile_steps(step, (keeps[0], hows[0]), device)
 
     t_dense, t_opt = statistics.median(times[None]), statistics.median(opt_times)
     f = cfg.ffn_hidden_size
     f_dense = step_flops(L, h, f, s, b, args.vocab, None, ltd_layers)
     rows = []
-    for keep in keeps:
-        t_ltd = statistics.median(times[keep])
+    for keep, how in variants[1:]:
+        t_ltd = statistics.median(times[keep, how])
         flop_ratio = step_flops(L, h, f, s, b, args.vocab, keep, ltd_layers) / f_dense
         t_model = t_dense - t_opt
         predicted = (t_opt + t_model * flop_ratio) / t_dense
-        draw, move = time_overhead(b, s, h, keep, ltd_layers, device, dtype, max(3, args.steps), clock)
+        draw, move = time_overhead(b, s, h, keep, ltd_layers, device, dtype, max(3, args.steps), clock, how)
         # Ratio of each LTD step to the dense step of the same round: robust to slow drift in machine load.
-        paired = statistics.median(a / d for a, d in zip(times[keep], times[None]))
-        rows.append({"L": L, "h": h, "s": s, "r": keep, "params": n_params, "dense": t_dense, "ltd": t_ltd,
-                     "opt": t_opt, "measured": paired, "flop_ratio": flop_ratio, "predicted": predicted,
-                     "draw": draw, "move": move, "tflops": f_dense / t_model / 1e12})
+        paired = statistics.median(a / d for a, d in zip(times[keep, how], times[None]))
+        rows.append({"L": L, "h": h, "s": s, "r": keep, "routing": how, "params": n_params, "dense": t_dense,
+                     "ltd": t_ltd, "opt": t_opt, "measured": paired, "flop_ratio": flop_ratio,
+                     "predicted": predicted, "draw": draw, "move": move, "tflops": f_dense / t_model / 1e12})
     return rows
 
 
@@ -224,14 +279,14 @@ def profile_steps(step, keep, device, reps=3, top=14):
     print(f"| all ops | {sum(med[None].values()):.1f} | {sum(med[keep].values()):.1f} |\n", flush=True)
 
 
-HEADER = ("| L | h | s | r | r/s | dtype | params | dense ms/step | LTD ms/step | measured ratio | "
+HEADER = ("| L | h | s | r | r/s | routing | dtype | params | dense ms/step | LTD ms/step | measured ratio | "
           "FLOP ratio (model) | predicted ratio (+opt) | difference | draw ms | gather/scatter ms | "
           "draw+g/s % of LTD step |")
 
 
 def format_row(r, dtype):
     diff = r["measured"] - r["predicted"]
-    return (f"| {r['L']} | {r['h']} | {r['s']} | {r['r']} | {r['r'] / r['s']:.2f} | {dtype} | "
+    return (f"| {r['L']} | {r['h']} | {r['s']} | {r['r']} | {r['r'] / r['s']:.2f} | {r['routing']} | {dtype} | "
             f"{r['params'] / 1e6:.1f}M | {r['dense'] * 1e3:.1f} | {r['ltd'] * 1e3:.1f} | "
             f"**{r['measured']:.3f}** | {r['flop_ratio']:.3f} | {r['predicted']:.3f} | "
             f"{diff:+.3f} ({diff / r['predicted'] * 100:+.1f} %) | {r['draw'] * 1e3:.2f} | "

@@ -34,8 +34,8 @@ sequence, tensor (TP-split + attention) and routing:
                  CPU math path (attention dropout > 0 on the CPU): 12·b·(a/t)·n² for fp32 scores,
                  dropout mask and dropped probabilities, + b·n·(12 − 3β)·h/t (fp32 copies of q, k, v
                  replace the QKV output)
-    routing      β·b·s·h + 8·b·r              LTD layer: `torch.gather` in random_ltd/routing.py keeps its
-                                              whole [b, s, h] input for backward; the int64 index [b, r]
+    routing      4·b·r                        LTD layer: the int32 row numbers [b·r] that random_ltd/routing.py's
+                                              gather/scatter pair saves (once for both); nothing of [b, s, h]
                  24·b·r/t                     LTD layer, sequence parallel: the int64 route of
                                               random_ltd/sequence_parallel.py, held by its autograd nodes
                                               (not a saved tensor): sample and chunk position of each kept
@@ -50,8 +50,8 @@ sequence, tensor (TP-split + attention) and routing:
 
 β = bytes of the parameter dtype; μ = dropout-mask bytes (cuda: 1, the fused kernel's bool mask; cpu: β,
 the mask is a tensor of the input's dtype; 0 without hidden dropout); σ = bytes of a norm statistic
-(cuda: 4; cpu: β). The index term is an average: the indices of all LTD layers of a stage are one
-[m, b, r] tensor. With f = 4h, β = 2 on cuda: 10·sbh + 24·sbh/t (+ small per-token terms), Korthikanti
+(cuda: 4; cpu: β). The index term is each LTD layer's own: it builds its row numbers from the kept
+indices. With f = 4h, β = 2 on cuda: 10·sbh + 24·sbh/t (+ small per-token terms), Korthikanti
 et al.'s "TP + selective recompute" row, which flash attention reaches without recomputing anything:
 their 5·a·s²·b/t of scores is never materialised; with sequence parallelism 34·sbh/t, their "TP + SP +
 selective" row. Covered: GPT, LayerNorm, GELU or SwiGLU, multi-head attention, learned or no position
@@ -350,7 +350,7 @@ def layer_parts(setup: Setup, n: int, recompute: str) -> Dict[str, int]:
             tensor += 12 * b * (a // t) * n * n + b * n * (12 - 3 * beta) * h // t
         else:
             tensor += 4 * b * (a // t) * n
-    routing = 0 if n == s else 24 * b * n // t if setup.sp else beta * b * s * h + 8 * b * n
+    routing = 0 if n == s else 24 * b * n // t if setup.sp else 4 * b * n
     return {"sequence": sequence, "tensor": tensor, "routing": routing}
 
 
@@ -417,7 +417,7 @@ def _measure_rank(setup: Setup, out_dir: str) -> None:
             drop()
 
         trainer.optimizer._drop_grad_copies = record_then_drop
-        _, step = trainer.train_step(_random_batches(c), 0)
+        _, step, _ = trainer.train_step(_random_batches(c), 0)
         assert not step.skipped, "the measured step was skipped: no optimizer state to measure"
         meter.close()
         layers = meter.by_layer()
@@ -503,9 +503,8 @@ def measured_parts(setup: Setup, results: List[dict], recompute: str) -> tuple:
     """({part: mean bytes} of the dense layers, of the LTD layers) the given ranks (one stage) measured;
     None for a kind they have none of.
 
-    Means over layers, because the int64 indices of all LTD layers of a stage are drawn as one [m, b, r]
-    tensor (random_ltd/routing.py), whose one storage is met first in the first LTD layer: 8·b·r per layer
-    on average, as the formula counts it. Means over ranks, because under sequence parallelism each TP
+    Means over layers (every LTD layer saves the same: its own int32 row numbers, 4·b·r). Means over
+    ranks, because under sequence parallelism each TP
     rank's chunk holds a random share of the kept tokens, and so of the route (pass one TP group)."""
     per_stage = setup.config.model.num_layers // setup.pp
     stage = results[0]["stage"]

@@ -1,4 +1,5 @@
-"""Convert a checkpoint between tensor- (TP) and pipeline-parallel (PP) layouts.
+"""Convert a checkpoint between tensor- (TP) and pipeline-parallel (PP) layouts, and between the `torch`
+and `torch_dist` formats (`--target-ckpt-format torch_dist`; either format is read).
 
 Evaluation and export read one unsharded model; a run resumed on other hardware wants another TP/PP.
 This tool merges whatever layout training wrote (GPT or BERT) and splits it for the target sizes:
@@ -44,6 +45,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--target-tensor-parallel-size", type=int, default=None)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=None)
     p.add_argument("--merge", action="store_true", help="shorthand for target sizes 1 and 1 (unsharded)")
+    p.add_argument("--target-ckpt-format", default="torch", choices=["torch", "torch_dist"],
+                   help="torch: Megatron's legacy mp_rank_* files for the target TP/PP (default); torch_dist: one "
+                        "layout-free checkpoint that any TP/PP/DP resumes, optimizer included (no target sizes)")
     p.add_argument("--true-vocab-size", type=int, default=None,
                    help="the tokenizer's size before padding (default: rebuild the tokenizer from the saved flags); "
                         "the padded vocabulary is re-padded as a run at the target TP computes it")
@@ -52,6 +56,11 @@ def build_parser() -> ArgumentParser:
 
 def target_sizes(args) -> tuple:
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    if args.target_ckpt_format == "torch_dist":
+        if tp is not None or pp is not None or args.merge:
+            raise UserError("--target-ckpt-format torch_dist loads in any layout: drop --merge and the "
+                            "--target-*-parallel-size flags")
+        return 1, 1
     if args.merge:
         if (tp or 1) != 1 or (pp or 1) != 1:
             raise UserError("--merge means target sizes 1 and 1; drop it or the --target-* flags")
@@ -67,7 +76,8 @@ def convert(args, tp: int, pp: int) -> dict:
     stays (the library already writes through a temporary folder and replaces the tracker last)."""
     created = not os.path.exists(args.save)
     try:
-        return convert_checkpoint(args.load, args.save, tp, pp, args.iteration, args.true_vocab_size)
+        return convert_checkpoint(args.load, args.save, tp, pp, args.iteration, args.true_vocab_size,
+                                  args.target_ckpt_format)
     except OSError as e:
         if isinstance(e, UserError):
             raise
@@ -82,8 +92,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     tp, pp = target_sizes(args)
     s = convert(args, tp, pp)
-    print(f"converted iteration {s['iteration']}: TP={s['source'][0]} PP={s['source'][1]} -> "
-          f"TP={tp} PP={pp} ({s['files']} files) in {args.save}")
+    source = s["source"] if isinstance(s["source"], str) else f"TP={s['source'][0]} PP={s['source'][1]}"
+    if args.target_ckpt_format == "torch_dist":
+        print(f"converted iteration {s['iteration']}: {source} -> torch_dist (any layout resumes it) in {args.save}")
+        print(f"parameters: {s['parameters']:,}")
+        if s["distrib_optim"] is not None:
+            print(f"kept the optimizer's state ({', '.join(s['distrib_optim']['states'])}; step "
+                  f"{s['distrib_optim']['step']}); RNG states restart on resume")
+        return 0
+    print(f"converted iteration {s['iteration']}: {source} -> TP={tp} PP={pp} ({s['files']} files) in {args.save}")
     print(f"parameters: {s['parameters']:,}")
     if s["imported"] is not None:
         print(f"read a {s['imported']['source']} checkpoint: parameter names mapped to ours, "

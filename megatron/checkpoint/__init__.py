@@ -1,4 +1,8 @@
-"""Checkpoints: Megatron's legacy `torch` layout, written crash-safely, read in any TP x PP layout.
+"""Checkpoints in Megatron's two formats, written crash-safely: `torch_dist` (the default: every rank
+writes its pieces through PyTorch's DCP, any layout resumes) and the legacy `torch` layout (read in any
+TP x PP layout by merging; resumed in its own).
+
+    <save>/iter_0000100/{.metadata, __<rank>_0.distcp, common.json, metadata.json, rng/}   --ckpt-format torch_dist
 
     <save>/latest_checkpointed_iteration.txt                "100"
     <save>/iter_0000100/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
@@ -9,6 +13,11 @@
         {"param"|"exp_avg"|"exp_avg_sq": {local parameter name: fp32 tensor}, "step"}: the DP shards,
         gathered per parameter (independent of the DP size; converted with the weights)
 
+    torch_dist.py  the torch_dist format: save (sync or --async-save), resume in any layout, one-process read/write
+    dcp_io.py      DCP taught rectangular pieces of global tensors, and a `.metadata` reader that runs no code
+    dcp_state.py   a stage's parameters as pieces of layout-free global tensors (partition tags, vocab padding)
+    dcp_optimizer.py  the optimizer's state as parameter-shaped pieces (distributed shards to owners and back)
+    rng_json.py    RNG states as JSON
     naming.py      folder and file names: built and parsed only here
     protocol.py    save (tmp folder, fsync, rename, tracker last) and load (weights_only) one rank's file
     rng.py         the RNG states a checkpoint carries (python, numpy, torch, cuda, TP tracker)

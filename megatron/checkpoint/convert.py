@@ -37,7 +37,8 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron.checkpoint.layout import Rank, merge_model, split_model
+from megatron.checkpoint import torch_dist
+from megatron.checkpoint.layout import VOCAB_BIASES, VOCAB_KEYS, Rank, merge_model, split_model
 from megatron.checkpoint.megatron_lm import IMPORTED, import_checkpoint, other_format_hint
 from megatron.checkpoint.naming import DISTRIB_OPTIM, TRACKER, checkpoint_dir, parallel_sizes, parse_rank_dir, rank_file_relpath
 from megatron.checkpoint.protocol import committed_dir, read_tracker, torch_load, write_checkpoint_files
@@ -56,8 +57,6 @@ SHAPE_ARGS = ("model_type", "num_layers", "hidden_size", "num_attention_heads", 
               "pipeline_model_parallel_size", "bert_binary_head")
 RESUME_HINT = "continue training from it with --no-load-optim --no-load-rng, or --finetune"
 RESUME_HINT_WITH_OPTIM = "continue training from it with --no-load-rng"
-VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")  # [V, h]
-VOCAB_BIASES = ("output_layer.bias",)  # [V], BERT's MLM logits
 
 
 @dataclass
@@ -266,34 +265,54 @@ def repad_vocab(ckpt: dict, padded: int, true_vocab: int) -> dict:
     return out
 
 
+def _read_any(load: str, iteration: Optional[int]):
+    """(merged checkpoint, source (tp, pp) or "torch_dist", iteration, the legacy rank-(0, 0) dict or None)."""
+    if iteration is None:
+        iteration = read_tracker(load)
+        if iteration is None:
+            raise UserError(f"no checkpoint in {load}: {TRACKER} is missing (pass --iteration N)")
+    folder = committed_dir(load, iteration)
+    if torch_dist.is_torch_dist(folder):
+        return torch_dist.load_unsharded(folder, optimizer=True), torch_dist.FORMAT, iteration, None
+    sharded = read_checkpoint(load, iteration, optimizer=True)
+    return merge_checkpoint(sharded), (sharded.tp, sharded.pp), sharded.iteration, sharded
+
+
 def convert_checkpoint(load: str, save: str, tp: int, pp: int, iteration: Optional[int] = None,
-                       true_vocab_size: Optional[int] = None) -> dict:
-    """Read any layout from `load`, write TP=`tp` PP=`pp` to `save`; return a summary dict.
+                       true_vocab_size: Optional[int] = None, target_format: str = "torch") -> dict:
+    """Read any layout or format from `load`, write TP=`tp` PP=`pp` legacy files to `save` (or, with
+    `target_format` "torch_dist", one layout-free checkpoint that any TP/PP resumes); return a summary.
 
     The padded vocabulary becomes what a TP=`tp` run of the same flags computes when the tokenizer's
-    size is known (`true_vocab_size`, else the tokenizer from the saved flags); otherwise it is kept."""
+    size is known (`true_vocab_size`, else the tokenizer from the saved flags); otherwise it is kept. A
+    torch_dist target keeps the rows: its loaders re-pad for their own TP."""
     if os.path.realpath(load) == os.path.realpath(save):
         raise UserError("--save must differ from --load: converting in place would replace the source")
     if true_vocab_size is not None and true_vocab_size < 1:
         raise UserError(f"--true-vocab-size must be >= 1, got {true_vocab_size}")
-    sharded = read_checkpoint(load, iteration, optimizer=True)
-    merged = merge_checkpoint(sharded)
+    merged, source, iteration, sharded = _read_any(load, iteration)
     old_vocab = merged["model"]["embedding.word_embeddings.weight"].shape[0]
     true_vocab = true_vocab_size or tokenizer_vocab_size(merged["args"])
-    if true_vocab is not None:
+    if true_vocab is not None and target_format == "torch":
         divisible_by = int(merged["args"].get("make_vocab_size_divisible_by") or 128)
         merged = repad_vocab(merged, vocab_size_with_padding(true_vocab, divisible_by, tp), true_vocab)
-    files = split_checkpoint(merged, tp, pp)  # validates the target sizes before anything is written
-    os.makedirs(save, exist_ok=True)
-    write_checkpoint(save, sharded.iteration, files, pp)
+    if target_format == "torch_dist":
+        split_model(merged["model"], merged["args"], 1, 1)  # validates the model against its args
+        os.makedirs(save, exist_ok=True)
+        torch_dist.save_unsharded(save, iteration, merged, report=lambda message: None)
+        files = {}
+    else:
+        files = split_checkpoint(merged, tp, pp)  # validates the target sizes before anything is written
+        os.makedirs(save, exist_ok=True)
+        write_checkpoint(save, iteration, files, pp)
     optim = merged.get(OPTIM_KEY)
     kept = set(KEPT_KEYS) | ({"optimizer", OPTIM_KEY} if optim is not None else set())
-    head = sharded.files[(0, 0)]
+    head = sharded.files[(0, 0)] if sharded is not None else merged
     imported = head.get(IMPORTED)
     if imported is not None:  # _extra_state entries dropped in all the files
         imported = {**imported, "extra_states": sum(f[IMPORTED]["extra_states"] for f in sharded.files.values())}
     dropped = sorted((set(head) - kept - {IMPORTED}) | set(imported["dropped"] if imported else ()))
-    return {"iteration": sharded.iteration, "source": (sharded.tp, sharded.pp), "target": (tp, pp),
+    return {"iteration": iteration, "source": source, "target": (tp, pp) if target_format == "torch" else target_format,
             "parameters": sum(v.numel() for v in merged["model"].values()), "files": len(files),
             "dropped": dropped, "vocab": (old_vocab, merged["model"]["embedding.word_embeddings.weight"].shape[0]),
             "true_vocab": true_vocab,

@@ -36,6 +36,8 @@ Rank = Tuple[int, int]  # (tensor-parallel rank, pipeline stage)
 Spec = Optional[Tuple[int, int]]  # (partition dim, stride); None: every TP rank holds the whole tensor
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
+VOCAB_KEYS = (WORD_EMBEDDINGS, "output_layer.weight")  # [V, h]: rows padded to a multiple that depends on TP
+VOCAB_BIASES = ("output_layer.bias",)  # [V], BERT's MLM logits
 _LAYER_KEY = re.compile(r"^(?P<block>decoder|encoder)\.layers\.(?P<i>\d+)\.(?P<name>.+)$")
 
 

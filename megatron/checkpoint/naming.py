@@ -6,6 +6,13 @@
     <root>/iter_0000100.old/                            a complete iteration moved aside by a re-save
     <root>/iter_0000100/mp_rank_01/model_optim_rng.pt   TP rank 1, no pipeline parallelism
     <root>/iter_0000100/mp_rank_01_002/model_optim_rng.pt   TP rank 1, pipeline stage 2
+
+`--ckpt-format torch_dist` (torch_dist.py) keeps the tracker and iteration folders, and fills one folder:
+    <root>/iter_0000100/.metadata                       DCP's index of every chunk (rank 0, last)
+    <root>/iter_0000100/__3_0.distcp                    the chunks rank 3 wrote
+    <root>/iter_0000100/common.json                     args, counters, schedule, scaler (rank 0)
+    <root>/iter_0000100/metadata.json                   {"sharded_backend": "torch_dist", ...} (Megatron's)
+    <root>/iter_0000100/rng/mp_rank_01_002.json         RNG states of TP rank 1, stage 2 (its DP rank 0)
 """
 
 import os
@@ -15,6 +22,9 @@ from typing import Iterable, Optional, Tuple
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 DISTRIB_OPTIM = "distrib_optim.pt"  # beside MODEL_FILE: the distributed optimizer's gathered state
+COMMON_JSON = "common.json"
+FORMAT_JSON = "metadata.json"
+RNG_DIR = "rng"
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})(?:\.(tmp|old))?$")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
@@ -59,3 +69,8 @@ def checkpoint_dir(root: str, iteration: int) -> str:
 
 def checkpoint_file(root: str, iteration: int, tp_rank: int = 0, pp_rank: Optional[int] = None) -> str:
     return os.path.join(checkpoint_dir(root, iteration), rank_file_relpath(tp_rank, pp_rank))
+
+
+def rng_file_relpath(tp_rank: int, pp_rank: int) -> str:
+    """`rng/mp_rank_{tp:02d}_{pp:03d}.json`, relative to a torch_dist iteration folder."""
+    return os.path.join(RNG_DIR, rank_dir_name(tp_rank, pp_rank) + ".json")

@@ -28,6 +28,7 @@ Readers look only at the tracker and complete `iter_X` folders, or at `iter_X.ol
 missing (the instant between the two renames of step 4). A half-written folder is never loaded.
 """
 
+import json
 import os
 import re
 import shutil
@@ -62,24 +63,26 @@ def committed_file(root: str, iteration: int, tp_rank: int, pp_rank: Optional[in
 
 
 # ---- ranks and the file system ----------------------------------------------------------------------
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def all_ranks_ok(ok: bool) -> bool:
+def all_ranks_ok(ok: bool, group=None) -> bool:
     """True when `ok` holds on every rank; the collective every rank calls where a barrier would hang
-    the healthy ranks if one of them failed."""
+    the healthy ranks if one of them failed. `group`: a gloo group (an asynchronous save's), else the
+    default group on this rank's device."""
     if not dist.is_initialized():
         return ok
     from megatron.core import parallel_state  # the device of this rank's backend (CPU for gloo)
 
-    flag = torch.tensor([0.0 if ok else 1.0], device=parallel_state.get_device() or "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    device = "cpu" if group is not None else (parallel_state.get_device() or "cpu")
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item() == 0.0)
 
 
@@ -101,6 +104,15 @@ def write_durably(obj, path: str) -> None:
     """torch.save through `path.part`, fsynced, then renamed: `path` is whole or absent, never half written."""
     with open(path + ".part", "wb") as f:
         torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+
+
+def write_json_durably(obj, path: str) -> None:
+    """`write_durably` for plain values, as JSON (what a torch_dist checkpoint keeps beside its shards)."""
+    with open(path + ".part", "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".part", path)
@@ -162,9 +174,22 @@ def save_checkpoint(root: str, iteration: int, state: dict, tp_rank: int = 0, pp
     path of this rank's file. A failed write on any rank raises UserError on every rank and leaves the
     previous checkpoint and the tracker as they were.
     """
-    final_dir = checkpoint_dir(root, iteration)
-    tmp_dir = final_dir + ".tmp"
     rel = rank_file_relpath(tp_rank, pp_rank)
+
+    def write(tmp_dir: str) -> None:
+        if writer:
+            tmp_file = os.path.join(tmp_dir, rel)
+            os.makedirs(os.path.dirname(tmp_file), exist_ok=True)
+            write_durably({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, tmp_file)
+            for name, contents in (extra_files or {}).items():
+                write_durably(contents, os.path.join(os.path.dirname(tmp_file), name))
+
+    finish_save(root, iteration, write, begin_save(root, report))
+    return os.path.join(checkpoint_dir(root, iteration), rel)
+
+
+def begin_save(root: str, report: Callable[[str], None] = print, group=None) -> Optional[BaseException]:
+    """Step 1 on rank 0, then a barrier: returns the error of rank 0 (None elsewhere), for `finish_save`."""
     error = None
     if _is_rank0():
         try:
@@ -173,23 +198,28 @@ def save_checkpoint(root: str, iteration: int, state: dict, tp_rank: int = 0, pp
                 report(f"WARNING: {note}")
         except OSError as e:
             error = e
-    _barrier()
-    if writer and error is None:
-        tmp_file = os.path.join(tmp_dir, rel)
+    _barrier(group)
+    return error
+
+
+def finish_save(root: str, iteration: int, write: Callable[[str], None], error: Optional[BaseException] = None,
+                group=None) -> None:
+    """Steps 2-6: every rank calls `write(iter_X.tmp)`, they agree, rank 0 commits, they agree again. Runs
+    in an asynchronous save's thread too, then with that save's gloo `group` for the agreements."""
+    tmp_dir = checkpoint_dir(root, iteration) + ".tmp"
+    if error is None:
         try:
-            os.makedirs(os.path.dirname(tmp_file), exist_ok=True)
-            write_durably({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, tmp_file)
-            for name, contents in (extra_files or {}).items():
-                write_durably(contents, os.path.join(os.path.dirname(tmp_file), name))
+            os.makedirs(tmp_dir, exist_ok=True)
+            write(tmp_dir)
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below, or the others hang
             error = e
-    if not all_ranks_ok(error is None):
-        _fail_save(root, iteration, tmp_dir, error)
+    if not all_ranks_ok(error is None, group):
+        _fail_save(root, iteration, tmp_dir, error, group)
     if _is_rank0():
-        error = _commit(root, iteration, tmp_dir, final_dir)
-    if not all_ranks_ok(error is None):  # also the barrier: no rank returns before the commit
-        _fail_save(root, iteration, tmp_dir, error)
-    return os.path.join(final_dir, rel)
+        _fsync_dir(tmp_dir)
+        error = _commit(root, iteration, tmp_dir, checkpoint_dir(root, iteration))
+    if not all_ranks_ok(error is None, group):  # also the barrier: no rank returns before the commit
+        _fail_save(root, iteration, tmp_dir, error, group)
 
 
 def _commit(root: str, iteration: int, tmp_dir: str, final_dir: str) -> Optional[BaseException]:
@@ -228,12 +258,12 @@ def _commit(root: str, iteration: int, tmp_dir: str, final_dir: str) -> Optional
     return None
 
 
-def _fail_save(root: str, iteration: int, tmp_dir: str, error: Optional[BaseException]) -> None:
+def _fail_save(root: str, iteration: int, tmp_dir: str, error: Optional[BaseException], group=None) -> None:
     """Every rank, once they agreed that the save failed: rank 0 removes the temporary folder, then each
     raises one line (the cause on the failing rank, "on another rank" elsewhere)."""
     if _is_rank0():
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    _barrier()
+    _barrier(group)
     if error is not None and not isinstance(error, OSError):
         raise error  # a bug, not the disk: keep its traceback
     where = f" ({error.strerror or error})" if error is not None else " on another rank"
@@ -367,7 +397,8 @@ def load_checkpoint(root: str, iteration: Optional[int] = None, tp_rank: int = 0
 
 def select_checkpoint(root: str, tp_rank: int = 0, pp_rank: Optional[int] = None, fallback: bool = False,
                       before_load: Callable[[int], None] = lambda it: None,
-                      report: Callable[[str], None] = print) -> Optional[Tuple[int, dict]]:
+                      report: Callable[[str], None] = print,
+                      read: Optional[Callable[[int], dict]] = None) -> Optional[Tuple[int, dict]]:
     """(iteration, this rank's checkpoint) to resume from, or None when `root` holds no checkpoint.
 
     The tracker's iteration, when every rank can load its file. Otherwise, with `fallback`, the newest
@@ -375,8 +406,11 @@ def select_checkpoint(root: str, tp_rank: int = 0, pp_rank: Optional[int] = None
     reporting why each newer one was passed over; without `fallback` the damage is a UserError that
     names the file and the iterations a fallback could use. Without a tracker: the newest complete
     iteration. `before_load(iteration)` may raise a UserError for checkpoints that are intact but
-    unusable (another parallel layout).
+    unusable (another parallel layout). `read(iteration)` loads one (default: this rank's legacy file);
+    it raises UserError for a damaged one.
     """
+    if read is None:
+        read = lambda it: load_checkpoint(root, it, tp_rank, pp_rank)  # noqa: E731
     on_disk = complete_iterations(root)
     try:
         tracked, problem = read_tracker(root), None
@@ -399,7 +433,7 @@ def select_checkpoint(root: str, tp_rank: int = 0, pp_rank: Optional[int] = None
         if iteration is not None:
             before_load(iteration)
             try:
-                ckpt, problem = load_checkpoint(root, iteration, tp_rank, pp_rank), None
+                ckpt, problem = read(iteration), None
             except UserError as e:
                 problem = str(e)
         if all_ranks_ok(problem is None):

@@ -7,7 +7,7 @@ fine-tuning, in one process.
     ckpt.args    # the flags saved by the trainer
 
 `--load` names the checkpoint root (holding latest_checkpointed_iteration.txt) or one `iter_XXXXXXX`
-folder in it. A single-file checkpoint (`iter_X/mp_rank_00/`) is loaded as it is; a tensor- or
+folder in it. A torch_dist checkpoint is read whole by DCP in this one process (torch_dist.py). A single-file checkpoint (`iter_X/mp_rank_00/`) is loaded as it is; a tensor- or
 pipeline-parallel one (`mp_rank_01/`, `mp_rank_00_001/`, ...) is merged in memory by convert.py, the
 logic behind `tools/checkpoint_util.py --merge`.
 """
@@ -17,7 +17,8 @@ from typing import NamedTuple, Optional, Tuple
 
 from megatron.checkpoint.convert import load_merged_checkpoint
 from megatron.checkpoint.naming import TRACKER, checkpoint_dir, parse_iteration_dir, parse_rank_dir, rank_dir_name
-from megatron.checkpoint.protocol import load_checkpoint, read_tracker
+from megatron.checkpoint import torch_dist
+from megatron.checkpoint.protocol import committed_dir, load_checkpoint, read_tracker
 from megatron.core.errors import UserError
 
 
@@ -56,7 +57,10 @@ def is_single_file_layout(root: str, iteration: int) -> bool:
 def load_unsharded_checkpoint(load: str, iteration: Optional[int] = None) -> UnshardedCheckpoint:
     """The model state dict (TP=1 PP=1) and saved args of the checkpoint at `load`, any layout."""
     root, iteration = resolve_checkpoint(load, iteration)
-    if is_single_file_layout(root, iteration):
+    folder = committed_dir(root, iteration)
+    if torch_dist.is_torch_dist(folder):
+        ckpt = torch_dist.load_unsharded(folder)
+    elif is_single_file_layout(root, iteration):
         ckpt = load_checkpoint(root, iteration)
     else:
         ckpt = load_merged_checkpoint(root, iteration)

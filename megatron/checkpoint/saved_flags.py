@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from megatron.checkpoint import megatron_lm, protocol
+from megatron.checkpoint import megatron_lm, protocol, torch_dist
 from megatron.checkpoint.model_args import MODEL_FLAGS, POSITION_FLAGS
 from megatron.checkpoint.reader import resolve_checkpoint
 from megatron.checkpoint.tokenizer import TOKENIZER_FLAGS, _find_file
@@ -48,9 +48,16 @@ def _as_flags(args: dict, keys) -> List[str]:
 def checkpoint_flags(load: str) -> Tuple[str, int, Tuple[int, int], SavedFlags]:
     """(root, iteration, (tp, pp), flags) of the checkpoint `--load` would resume."""
     root, iteration = resolve_checkpoint(load)
-    tp, pp = protocol.saved_layout(root, iteration) or (1, 1)
-    path = protocol.committed_file(root, iteration, 0, 0 if pp > 1 else None)  # one rank's file holds the args
-    args = dict(megatron_lm.import_checkpoint(protocol.torch_load(path, mmap=True), path).get("args") or {})
+    folder = protocol.committed_dir(root, iteration)
+    if torch_dist.is_torch_dist(folder):  # common.json holds the args and the saving layout
+        common = torch_dist.read_common(folder)
+        args = dict(common.get("args") or {})
+        layout = common.get("layout") or {}
+        tp, pp = layout.get("tensor_model_parallel_size") or 1, layout.get("pipeline_model_parallel_size") or 1
+    else:
+        tp, pp = protocol.saved_layout(root, iteration) or (1, 1)
+        path = protocol.committed_file(root, iteration, 0, 0 if pp > 1 else None)  # one rank's file holds the args
+        args = dict(megatron_lm.import_checkpoint(protocol.torch_load(path, mmap=True), path).get("args") or {})
     if not args:
         raise UserError(f"{root} iteration {iteration} records no training args; it was not written by a trainer")
     model = [k for k in MODEL_FLAGS if not k.endswith("vocab_size") and k != "bert_binary_head"]

@@ -1,4 +1,8 @@
-"""What a training run saves and resumes from, in Megatron's legacy `torch` layout (protocol.py writes it).
+"""What a training run saves and resumes from: the trainer's side of both checkpoint formats.
+
+`--ckpt-format torch_dist` (the default, as in Megatron) is torch_dist.py: the same contents below, the
+tensors as layout-free pieces written by every rank through DCP, the plain values in JSON; it resumes
+in any layout. `--ckpt-format torch` is Megatron's legacy layout (protocol.py writes it):
 
 One file per (tensor, pipeline) rank, written by data-parallel rank 0 of each, holding Megatron's keys so
 its tools read ours:
@@ -33,7 +37,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from megatron.checkpoint import protocol
+from megatron.checkpoint import protocol, torch_dist
 from megatron.checkpoint.megatron_lm import IMPORTED
 from megatron.checkpoint.naming import DISTRIB_OPTIM
 from megatron.checkpoint.model_args import check_model_flags, describe_state_dict_mismatch
@@ -52,21 +56,41 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def training_state(args: Mapping, config: dict, model: torch.nn.Module, optimizer, scheduler: dict,
-                   train_state: dict, kept_length: int) -> dict:
-    """This rank's checkpoint contents (see the module docstring); `kept_length` is r of the last iteration."""
+def common_state(args: Mapping, config: dict, scheduler: dict, train_state: dict, kept_length: int) -> dict:
+    """The plain values every rank shares (see the module docstring); `kept_length` is r of the last iteration."""
     return {
         "args": dict(args),
         "config": config,
-        "model": {k: _compact(v) for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
         "opt_param_scheduler": scheduler,
-        "rng_state": get_rng_state_with_tracker(),
         "train_state": train_state,
         "consumed_train_samples": train_state["consumed_train_samples"],
         "consumed_valid_samples": train_state["consumed_valid_samples"],
         "random_ltd": {"consumed_layer_tokens": train_state["consumed_layer_tokens"], "current_value": kept_length},
     }
+
+
+def training_state(common: dict, model: torch.nn.Module, optimizer) -> dict:
+    """This rank's legacy checkpoint contents: `common_state` with the model, optimizer and RNG states."""
+    return {**common, "model": {k: _compact(v) for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "rng_state": get_rng_state_with_tracker()}
+
+
+def dist_common_state(common: dict, optimizer) -> dict:
+    """`common_state` plus what torch_dist keeps in JSON: the optimizer's plain values and this layout."""
+    scaler = None if optimizer.scaler is None else optimizer.scaler.state_dict()
+    layout = {"tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+              "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+              "data_parallel_size": ps.get_data_parallel_world_size()}
+    return {**common, "optimizer": {"distributed": optimizer.distributed, "grad_scaler": scaler}, "layout": layout}
+
+
+def checkpoint_group():
+    """A gloo group over every rank for checkpoints: DCP exchanges its plans on it and an asynchronous save
+    agrees on it from its own thread, never interleaving with training's collectives (a collective call;
+    None in one process)."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
 
 def _rank_file():
@@ -84,6 +108,15 @@ def distrib_optim_files(optimizer) -> dict:
     return {} if state is None else {DISTRIB_OPTIM: state}
 
 
+def save_torch_dist(root: str, iteration: int, common: dict, model: torch.nn.Module, optimizer, group,
+                    async_save: bool, report: Report):
+    """Every rank calls it; returns torch_dist.PendingSave for an asynchronous save, else None."""
+    return torch_dist.save(root, iteration, dist_common_state(common, optimizer), model, optimizer,
+                           tp_rank=ps.get_tensor_model_parallel_rank(), tp=ps.get_tensor_model_parallel_world_size(),
+                           pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+                           group=group, async_save=async_save, report=report)
+
+
 def save(root: str, iteration: int, state: dict, writer: bool, report: Report,
          extra_files: Optional[dict] = None) -> None:
     """Every rank calls it; `writer` ranks (DP rank 0 of each model-parallel rank) write their files."""
@@ -96,6 +129,8 @@ def save(root: str, iteration: int, state: dict, writer: bool, report: Report,
 
 
 def _check_layout(root: str, iteration: int) -> None:
+    if torch_dist.is_torch_dist(protocol.committed_dir(root, iteration)):
+        return  # any layout loads it
     saved = protocol.saved_layout(root, iteration)
     here = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     if saved is not None and saved != here:
@@ -104,17 +139,27 @@ def _check_layout(root: str, iteration: int) -> None:
                         "with tools/checkpoint_util.py or launch the same layout")
 
 
+def _read(root: str, iteration: int) -> dict:
+    """What resuming reads first, either format: common.json (checked against its shards) or this rank's file."""
+    folder = protocol.committed_dir(root, iteration)
+    if torch_dist.is_torch_dist(folder):
+        return torch_dist.read_common(folder)
+    return protocol.load_checkpoint(root, iteration, *_rank_file())
+
+
 def load(root: str, args: Mapping, model: torch.nn.Module, optimizer, *, fallback: bool, finetune: bool,
-         load_optim: bool, load_rng: bool, report: Report) -> Optional[dict]:
-    """Load this rank's file of the checkpoint to resume from into `model` (and, unless `finetune`, the
-    optimizer and RNG states); returns the checkpoint dict, or None when `root` holds none.
+         load_optim: bool, load_rng: bool, report: Report, group=None) -> Optional[dict]:
+    """Load the checkpoint to resume from into `model` (and, unless `finetune`, the optimizer and RNG
+    states); returns its plain values (the legacy dict, or torch_dist's common.json), or None when `root`
+    holds none. Either format, whatever `--ckpt-format` this run saves in; `group` is the gloo group DCP
+    plans a torch_dist load on.
 
     `args` are this run's (Megatron names), compared with the checkpoint's model flags."""
     for name in protocol.incomplete_saves(root):
         report(f"WARNING: ignoring {root}/{name}: a save that was interrupted (never loaded; the next save into "
                "this folder removes it)")
     chosen = protocol.select_checkpoint(root, *_rank_file(), fallback, before_load=lambda it: _check_layout(root, it),
-                                        report=report)
+                                        report=report, read=lambda it: _read(root, it))
     if chosen is None:
         report(f"WARNING: no checkpoint found at {root}; training from scratch")
         return None
@@ -124,6 +169,17 @@ def load(root: str, args: Mapping, model: torch.nn.Module, optimizer, *, fallbac
         raise UserError(f"{where} was written by {ckpt[IMPORTED]['source']}: only its weights are read (not its "
                         "optimizer or RNG states); add --finetune, or --no-load-optim --no-load-rng to continue "
                         "its iteration count")
+    if ckpt.get("format") == torch_dist.FORMAT:
+        check_model_flags(torch_dist.comparable_args(ckpt.get("args") or {}), args, where)
+        torch_dist.load_into(ckpt, model, optimizer, tp_rank=ps.get_tensor_model_parallel_rank(),
+                             tp=ps.get_tensor_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                             pp=ps.get_pipeline_model_parallel_world_size(), group=group,
+                             load_optim=load_optim and not finetune, load_rng=load_rng and not finetune, where=where,
+                             report=report)
+        if finetune:
+            report(f" loaded weights from {root} at iteration {iteration} (finetune: iteration, optimizer and "
+                   "counters reset)")
+        return ckpt
     check_model_flags(ckpt.get("args") or {}, args, where)
     if not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{where} holds no model state dict")

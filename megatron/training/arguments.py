@@ -179,6 +179,29 @@ def build_parser(description: str = "Pretrain a GPT model with random-LTD") -> a
                         "--load checkpoint (ours, a Hugging Face import or a Megatron-LM checkpoint)")
     g.add_argument("--load-fallback", action="store_true",
                    help="if the tracker's checkpoint is damaged, resume from the newest loadable older iteration")
+    g.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist", "torch"],
+                   help="torch_dist (default): every rank writes its pieces through PyTorch's distributed checkpoint "
+                        "and any layout resumes, optimizer included; torch: Megatron's legacy mp_rank_* files "
+                        "(docs/checkpoints.md). --load reads either")
+    g.add_argument("--async-save", action="store_true",
+                   help="torch_dist: write checkpoints in the background while training continues")
+    g = p.add_argument_group("speed: compiling, throughput, timers, profiling (docs/training.md)")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="compile each transformer layer with torch.compile (inductor), its token dimension dynamic")
+    g.add_argument("--log-throughput", action="store_true",
+                   help="log TFLOP/s per GPU (Megatron's FLOP formula): the FLOPs run and, with random-LTD, the "
+                        "dense-equivalent ones; MFU against --peak-tflops")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s of one GPU for MFU (default: the bf16/fp16 dense peak of a known GPU)")
+    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+                   help="0: no timers; 1: forward-backward, optimizer, gradient reduction, ...; 2: also per "
+                        "micro-batch (data, random-LTD draw, compute, pipeline p2p). Timers synchronise the GPU")
+    g.add_argument("--profile", action="store_true",
+                   help="write a torch.profiler trace of iterations --profile-step-start+1..--profile-step-end "
+                        "into --tensorboard-dir")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks to profile")
     return p
 
 
@@ -214,6 +237,8 @@ RANGES = {
     "hysteresis": (*_GE1, "it counts the overflowing iterations before the loss scale is halved"),
     # logging, evaluation, checkpoints
     "log_interval": _POS, "eval_interval": _POS, "eval_iters": _GE0, "save_interval": _POS,
+    "peak_tflops": _POS, "profile_step_start": _GE0, "profile_step_end": _POS,
+    "timing_log_level": (lambda v: 0 <= v <= 2, "0, 1 or 2"), "profile_ranks": (lambda v: min(v) >= 0, ">= 0"),
     # BERT (pretrain_bert_ltd.py's parser)
     "mask_prob": (lambda v: 0.0 < v < 1.0, "in (0, 1)"), "short_seq_prob": _FRACTION, "masking_max_ngram": _GE1,
 }

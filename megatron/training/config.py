@@ -103,6 +103,13 @@ class LoggingConfig:
     tensorboard_dir: Optional[str]
     eval_interval: int
     eval_iters: int
+    log_throughput: bool = False  # TFLOP/s per GPU and MFU in the log line and JSON (flops.py)
+    peak_tflops: Optional[float] = None  # None: the known GPU's bf16/fp16 peak, else no MFU
+    timing_log_level: int = 0  # timers.py; 0 = off
+    profile: bool = False  # torch.profiler trace of iterations profile_step_start+1..profile_step_end
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: Tuple[int, ...] = (0,)  # global ranks
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,8 @@ class CheckpointConfig:
     no_load_rng: bool
     finetune: bool
     load_fallback: bool
+    ckpt_format: str = "torch_dist"  # or "torch": Megatron's legacy files
+    async_save: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,14 @@ def _check_cross_flags(f: argparse.Namespace) -> None:
         raise UserError("no training data: pass --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
     if f.save_interval is not None and f.save is None:
         raise UserError("--save-interval needs --save DIR")
+    if f.async_save and f.ckpt_format != "torch_dist":
+        raise UserError(f"--async-save needs --ckpt-format torch_dist (the {f.ckpt_format} format is written "
+                        "synchronously); drop one of them")
+    if f.profile and f.profile_step_end <= f.profile_step_start:
+        raise UserError(f"--profile-step-end {f.profile_step_end} must be after --profile-step-start "
+                        f"{f.profile_step_start} (the trace covers iterations start+1..end)")
+    if f.profile and not f.tensorboard_dir:
+        raise UserError("--profile writes its trace into --tensorboard-dir: add --tensorboard-dir DIR")
     if f.num_query_groups is not None and not f.group_query_attention:
         raise UserError("--num-query-groups needs --group-query-attention")
     if f.overlap_param_gather and not f.use_distributed_optimizer:
@@ -253,6 +270,9 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
     world = ps.world_size_from_env() if world_size is None else world_size
     tp, pp = f.tensor_model_parallel_size, f.pipeline_model_parallel_size
     dp = ps.check_parallel_sizes(world, tp, pp)
+    if f.profile and not all(0 <= r < world for r in f.profile_ranks):
+        ranks = " ".join(map(str, f.profile_ranks))
+        raise UserError(f"--profile-ranks {ranks}: the ranks of this run are 0..{world - 1}")
     G = f.global_batch_size or f.micro_batch_size * dp  # Megatron's default: one micro batch per DP rank
     if f.num_layers % pp:
         raise UserError(f"--num-layers {f.num_layers} is not divisible by --pipeline-model-parallel-size {pp}; "
@@ -278,7 +298,8 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
     # model_type "bert": the bidirectional encoder; recomputation is this run's, not the checkpoint's model
     args["sequence_parallel"] = sequence_parallel
     model = transformer_config_from_args(args, **recompute, fp32_residual_connection=f.fp32_residual_connection,
-                                         sequence_parallel=sequence_parallel)
+                                         sequence_parallel=sequence_parallel,
+                                         torch_compile="inductor" if f.torch_compile else None)
 
     lr = LRScheduleConfig(f.lr, f.min_lr, f.lr_decay_style, *schedule_lengths(
         global_batch_size=G, seq_length=f.seq_length, train_samples=run.decay_default_samples,
@@ -311,8 +332,10 @@ def resolve_config(flags: argparse.Namespace, true_vocab_size: int, world_size: 
         training=TrainingConfig(f.micro_batch_size, G, G // (f.micro_batch_size * dp), f.seed, f.bf16, f.fp16,
                                 f.check_for_nan_in_loss_and_grad, f.exit_interval, f.exit_duration_in_mins,
                                 f.exit_signal_handler),
-        logging=LoggingConfig(f.log_interval, f.log_json, f.tensorboard_dir, f.eval_interval, f.eval_iters),
+        logging=LoggingConfig(f.log_interval, f.log_json, f.tensorboard_dir, f.eval_interval, f.eval_iters,
+                              f.log_throughput, f.peak_tflops, f.timing_log_level, f.profile, f.profile_step_start,
+                              f.profile_step_end, tuple(f.profile_ranks)),
         checkpoint=CheckpointConfig(f.save, f.load, f.save_interval, f.no_load_optim, f.no_load_rng, f.finetune,
-                                    f.load_fallback),
+                                    f.load_fallback, f.ckpt_format, f.async_save),
         args=MappingProxyType(args),
     )

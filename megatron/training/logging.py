@@ -17,7 +17,8 @@ from megatron.core import parallel_state as ps
 # JSON key -> TensorBoard tag (Megatron's tag names where it has one)
 TB_TAGS = {"lm_loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm", "loss_scale": "loss-scale",
            "tokens_per_sec": "tokens-per-second", "kept_length": "kept-length",
-           "consumed_layer_tokens": "consumed-layer-tokens", "layer_token_saving": "layer-token-saving"}
+           "consumed_layer_tokens": "consumed-layer-tokens", "layer_token_saving": "layer-token-saving",
+           "throughput_tflops": "throughput", "dense_equivalent_tflops": "dense-equivalent-throughput", "mfu": "mfu"}
 
 
 def print_rank_0(*args) -> None:
@@ -34,14 +35,27 @@ def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _tflops(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"  # Megatron's .1f; a CPU's few GFLOP/s legible
+
+
 def format_train_line(m: dict, metric_names=("lm loss",)) -> str:
     """Megatron's training log line. The LTD fields are printed only when `m["random_ltd"]` is true, so a
     dense run's line is Megatron's (the JSON record keeps them either way). `metric_names` are the loss_fn
-    metrics ("lm loss", "sop loss", ...), read from `m` under their underscored keys."""
+    metrics ("lm loss", "sop loss", ...), read from `m` under their underscored keys. With --log-throughput:
+    Megatron's TFLOP/s field, then (random-LTD) the dense-equivalent TFLOP/s and, with a known peak, MFU."""
     parts = [
         f" [{timestamp()}] iteration {m['iteration']:8d}/{m['train_iters']:8d}",
         f"consumed samples: {m['consumed_samples']:12d}",
         f"elapsed time per iteration (ms): {m['elapsed_ms_per_iteration']:.1f}",
+    ]
+    if "throughput_tflops" in m:
+        parts.append(f"throughput per GPU (TFLOP/s/GPU): {_tflops(m['throughput_tflops'])}")
+        if m.get("random_ltd"):
+            parts.append(f"dense-equivalent throughput per GPU (TFLOP/s/GPU): {_tflops(m['dense_equivalent_tflops'])}")
+        if "mfu" in m:
+            parts.append(f"MFU: {100 * m['mfu']:.1f}%")
+    parts += [
         f"tokens per second: {m['tokens_per_sec']:.1f}",
         f"learning rate: {m['lr']:.6E}",
         f"global batch size: {m['global_batch_size']:5d}",

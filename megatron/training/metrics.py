@@ -5,6 +5,10 @@ A loss_fn metric is a tensor (a mean: averaged over this rank's micro-batches, t
 group, Megatron's way for losses) or a (numerator, denominator) pair (a ratio of totals: both summed over
 micro-batches and ranks, divided once, 0 when nothing was counted; so BERT's MLM accuracy weighs every
 predicted token alike and a micro-batch without one does not count as 0).
+
+Nothing is read on the host per metric: `metrics_on_device` leaves the reduced values on the device and
+`read_together` brings them back in one copy, with whatever else the caller reads (the trainer: the
+gradient norm, the inf/NaN verdict and the stop flags; docs/training.md).
 """
 
 import math
@@ -19,22 +23,57 @@ from megatron.core import parallel_state as ps
 
 def mean_metrics(metrics: List[dict]) -> Dict[str, float]:
     """{name: value} for every metric loss_fn returned ("lm loss", BERT's "sop loss", ...); {} off the last
-    pipeline stage (it has no metrics)."""
+    pipeline stage (it has no metrics). One host read for all of them."""
+    on_device = metrics_on_device(metrics)
+    return metrics_from_host(on_device, read_together(list(on_device.values())))
+
+
+def metrics_on_device(metrics: List[dict]) -> Dict[str, torch.Tensor]:
+    """Each metric reduced over micro-batches and data-parallel ranks, left on the device (nothing read): a
+    mean, [] fp32, or a ratio's (sum of numerators, sum of denominators), [2] float64."""
     out = {}
     for name in metrics[0] if metrics else {}:
         values = [m[name] for m in metrics]
-        out[name] = ratio_over_dp(values) if isinstance(values[0], tuple) else float(mean_over_dp(values))
+        out[name] = totals_over_dp(values) if isinstance(values[0], tuple) else mean_over_dp(values)
     return out
 
 
-def ratio_over_dp(pairs: list) -> float:
-    """sum(numerators) / sum(denominators) over this rank's micro-batches and the data-parallel group."""
+def metrics_from_host(on_device: Dict[str, torch.Tensor], values: List[List[float]]) -> Dict[str, float]:
+    """{name: value} from the host copies (`read_together`) of `metrics_on_device`'s tensors, in its order."""
+    out = {}
+    for (name, tensor), v in zip(on_device.items(), values, strict=True):
+        out[name] = (v[0] / v[1] if v[1] > 0 else 0.0) if tensor.numel() == 2 else v[0]
+    return out
+
+
+def nonfinite_on_device(on_device: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """[] bool on the device: True when a metric (a ratio's numerator or denominator) is inf or NaN."""
+    if not on_device:
+        return torch.zeros((), dtype=torch.bool, device=ps.get_device())
+    return torch.stack([~torch.isfinite(t).all() for t in on_device.values()]).any()
+
+
+def read_together(tensors: List[torch.Tensor]) -> List[List[float]]:
+    """Each tensor's values on the host, in one device-to-host copy (on CUDA the one wait for the device).
+    Values pass through float64, which holds fp32 and float64 values exactly."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).tolist()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()])
+        start += t.numel()
+    return out
+
+
+def totals_over_dp(pairs: list) -> torch.Tensor:
+    """(sum(numerators), sum(denominators)) over this rank's micro-batches and the data-parallel group:
+    [2] float64 on the device."""
     total = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in pair])
                          for pair in pairs]).sum(0).to(ps.get_device())  # [2]
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
-    num, den = total.tolist()
-    return num / den if den > 0 else 0.0
+    return total
 
 
 def mean_over_dp(values: list) -> Optional[torch.Tensor]:

@@ -2,8 +2,9 @@
 
 Clusters preempt a job with SIGTERM (SLURM, Kubernetes) and SIGKILL it after a grace period; a person
 types Ctrl-C (SIGINT). With `--exit-signal-handler` the handler only records the signal. The iteration
-in flight finishes, one small all-reduce per iteration (`any_rank`) tells every rank on the same
-iteration that some rank was signalled or ran out of time, and the run saves a checkpoint and exits 0.
+in flight finishes, one small all-reduce per iteration (`any_rank_on_device`, read with the iteration's
+loss) tells every rank on the same iteration that some rank was signalled or ran out of time, and the
+run saves a checkpoint and exits 0.
 
 Nothing is printed from inside the handler (a signal landing in the middle of a print would make the
 print fail), and repeated signals are not escalated: SLURM and torchrun can both deliver the same
@@ -77,6 +78,16 @@ def any_rank(flags: Sequence[bool]) -> List[bool]:
     """Each flag OR-ed over all ranks, in one all-reduce of a few numbers (none without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [bool(f) for f in flags]
-    t = torch.tensor([float(bool(f)) for f in flags], device=ps.get_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(x) for x in t.tolist()]
+    return [bool(x) for x in any_rank_on_device(flags).tolist()]
+
+
+def any_rank_on_device(flags: Sequence) -> torch.Tensor:
+    """`any_rank` left on the device for the caller's one read of the iteration: [n] fp32, 1.0 where some
+    rank's flag was set. A flag is a bool, or a [] tensor on the device (a verdict not read yet); a bool
+    becomes a fill kernel, not a host-to-device copy (which would wait for the device)."""
+    device = ps.get_device()
+    t = torch.stack([f.float().reshape(()) if isinstance(f, torch.Tensor)
+                     else torch.full((), float(bool(f)), device=device) for f in flags])  # [n]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t

@@ -181,7 +181,7 @@ def test_converted_checkpoint_resumes_the_uninterrupted_run(tmp_path, capsys):
     argv = BASE + ["--data-path", data]
     run_layout(argv + ["--log-json", str(tmp_path / "straight.jsonl")], 1, 1, 1)
     dist = argv + ["--use-distributed-optimizer"]
-    run_layout(dist + ["--save", str(tmp_path / "tp2dp2"), "--save-interval", str(ITER), "--exit-interval", str(ITER),
+    run_layout(dist + ["--ckpt-format", "torch", "--save", str(tmp_path / "tp2dp2"), "--save-interval", str(ITER), "--exit-interval", str(ITER),
                        "--log-json", str(tmp_path / "first.jsonl")], 2, 1, 2)
     out = convert(capsys, "--load", tmp_path / "tp2dp2", "--save", tmp_path / "pp2", "--target-tensor-parallel-size", 1,
                   "--target-pipeline-parallel-size", 2)

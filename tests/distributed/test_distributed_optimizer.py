@@ -52,7 +52,7 @@ def test_distributed_optimizer_matches_single_process(tmp_path, data, single, tp
 
 
 def test_distributed_optimizer_resume_is_exact_and_dp_independent(tmp_path, data):  # noqa: F811
-    argv = BASE + ["--data-path", data, "--save-interval", "5"] + LTD + DIST
+    argv = BASE + ["--data-path", data, "--save-interval", "5", "--ckpt-format", "torch"] + LTD + DIST
     drop = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     straight, resumed = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     run_layout(argv + drop + ["--save", str(tmp_path / "a"), "--log-json", str(straight)], 1, 1, 2)

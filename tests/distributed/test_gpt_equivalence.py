@@ -65,15 +65,17 @@ def test_layouts_match_single_process(tmp_path, data, ltd):
         assert ref_train[0]["kept_length"] == 8
 
 
-@pytest.mark.parametrize("tp, pp, dp, folders", [
-    (2, 2, 1, ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]),
-    (2, 1, 2, ["mp_rank_00", "mp_rank_01"]),  # DP ranks share their (TP, PP) file
-], ids=["tp2pp2", "tp2dp2"])
-def test_resume_in_sharded_layout_is_exact(tmp_path, data, tp, pp, dp, folders):
+@pytest.mark.parametrize("tp, pp, dp, fmt, folders", [
+    (2, 2, 1, "torch", ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]),
+    (2, 1, 2, "torch", ["mp_rank_00", "mp_rank_01"]),  # DP ranks share their (TP, PP) file
+    (2, 2, 1, "torch_dist", ["mp_rank_00_000.json", "mp_rank_00_001.json", "mp_rank_01_000.json",
+                             "mp_rank_01_001.json"]),  # the RNG files, one per (TP, PP) rank
+], ids=["tp2pp2", "tp2dp2", "tp2pp2-torch_dist"])
+def test_resume_in_sharded_layout_is_exact(tmp_path, data, tp, pp, dp, fmt, folders):
     """Stopped at iteration 5 and resumed, the run logs the straight run's losses bit for bit. Attention
     dropout runs under the RNG tracker's per-TP-rank stream, so this needs its checkpointed state."""
     argv = BASE + ["--data-path", data, "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
-                   "--save-interval", "5"] + LTD
+                   "--save-interval", "5", "--ckpt-format", fmt] + LTD
     straight, resumed = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     run_layout(argv + ["--save", str(tmp_path / "a"), "--log-json", str(straight)], tp, pp, dp)
     run_layout(argv + ["--save", str(tmp_path / "b"), "--log-json", str(resumed), "--exit-interval", "5"], tp, pp, dp)
@@ -83,7 +85,8 @@ def test_resume_in_sharded_layout_is_exact(tmp_path, data, tp, pp, dp, folders):
     assert [r["iteration"] for r in b] == list(range(1, 11))
     assert [r["lm_loss"] for r in a] == [r["lm_loss"] for r in b]
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
-    assert sorted(p.name for p in (tmp_path / "a" / "iter_0000010").iterdir()) == folders
+    folder = tmp_path / "a" / "iter_0000010"
+    assert sorted(p.name for p in (folder / "rng" if fmt == "torch_dist" else folder).iterdir()) == folders
 
 
 def test_merged_tp2_pp2_checkpoint_equals_single_process(tmp_path, data):
@@ -93,7 +96,8 @@ def test_merged_tp2_pp2_checkpoint_equals_single_process(tmp_path, data):
     from megatron.checkpoint.convert import convert_checkpoint
     from megatron.checkpoint.protocol import load_checkpoint
 
-    argv = BASE + ["--data-path", data, "--untie-embeddings-and-output-weights", "--swiglu"] + LTD
+    argv = BASE + ["--data-path", data, "--untie-embeddings-and-output-weights", "--swiglu", "--ckpt-format",
+                   "torch"] + LTD
     run_layout(argv + ["--save", str(tmp_path / "single")], 1, 1, 1)
     run_layout(argv + ["--save", str(tmp_path / "sharded")], 2, 2, 1)
     convert_checkpoint(str(tmp_path / "sharded"), str(tmp_path / "merged"), 1, 1)

@@ -131,7 +131,8 @@ def test_bf16_run_follows_fp32(tmp_path, data):  # noqa: F811
 
 @pytest.mark.parametrize("extra", [[], ["--use-distributed-optimizer"]], ids=["plain", "distributed"])
 def test_bf16_resume_is_exact(tmp_path, extra):
-    argv = TINY + ["--train-iters", "8", "--bf16", "--save-interval", "4", "--hidden-dropout", "0.1"] + extra
+    argv = TINY + ["--train-iters", "8", "--bf16", "--save-interval", "4", "--hidden-dropout", "0.1",
+                   "--ckpt-format", "torch"] + extra
     straight, resumed = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     assert run_inprocess(argv + ["--save", str(tmp_path / "a"), "--log-json", str(straight)]) == 0
     assert run_inprocess(argv + ["--save", str(tmp_path / "b"), "--log-json", str(resumed), "--exit-interval", "4"]) == 0

@@ -46,8 +46,8 @@ def test_ltd_recipe_runs_with_tp2_pp2(tmp_path):
     lt = [r["consumed_layer_tokens"] for r in recs]
     assert lt[-1] >= 2500 > lt[-2]
     ckpt = tmp_path / "run" / "checkpoints" / f"iter_{len(recs):07d}"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
-                                                      "mp_rank_01_001"]
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["mp_rank_00_000.json", "mp_rank_00_001.json",
+                                                                "mp_rank_01_000.json", "mp_rank_01_001.json"]
 
 
 def _train_and_record(rank, world, argv, out_dir):

@@ -70,7 +70,7 @@ def check_run(proc, train, valid, tmp_path):
     assert [r["iteration"] for r in valid] == [4, 8] and all("val_sop_loss" in r for r in valid)
     ckpt = tmp_path / "run" / "checkpoints"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
-    assert (ckpt / "iter_0000008" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    assert (ckpt / "iter_0000008" / ".metadata").is_file()  # torch_dist, the default format
 
 
 def test_ltd_recipe_runs_shrunk(corpus, tmp_path):

@@ -46,6 +46,30 @@ def test_export_matches_our_model_and_adapter(setup, tmp_path, capsys, arch):
     assert generated["ours"] == generated["hf"]
 
 
+def test_torch_dist_checkpoint_exports_and_evaluates_like_the_legacy_one(setup, tmp_path):
+    """The same weights in the torch_dist format (tools/checkpoint_util.py --target-ckpt-format torch_dist):
+    the export, lm-eval through the registered adapter and our model all give the legacy checkpoint's answers."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    dist = str(tmp_path / "dist")
+    assert load_script("tools/checkpoint_util.py").main(
+        ["--load", setup["gpt2"], "--save", dist, "--target-ckpt-format", "torch_dist"]) == 0
+    assert (tmp_path / "dist" / "iter_0000003" / ".metadata").is_file()
+    legacy = load_gpt_checkpoint(setup["gpt2"])
+    assert convert(["--load", dist, "--output-dir", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, legacy.tokenizer.vocab_size, (2, fixtures.SEQ), generator=g)  # [b, s]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, legacy.model(tokens), atol=1e-4, rtol=0)
+    results = simple_evaluate(model="megatron-gpt", model_args=f"load={dist}", tasks=["tiny_mc"], batch_size="2",
+                              task_manager=TaskManager(include_path=setup["tasks"], include_defaults=False),
+                              bootstrap_iters=0)
+    direct = fixtures.evaluate(MegatronGPTLM(legacy.model, legacy.tokenizer), setup["tasks"], tasks=["tiny_mc"])
+    assert fixtures.metrics(results) == fixtures.metrics(direct)
+
+
 def test_architecture_without_equivalent_is_refused(setup, tmp_path, capsys):
     args = dict(load_gpt_checkpoint(setup["gpt2"]).args, position_embedding_type="rope")  # rope + LayerNorm
     save_checkpoint(str(tmp_path / "ckpt"), 1, {"args": args, "model": build_model_from_args(args).state_dict()})

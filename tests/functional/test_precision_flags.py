@@ -34,8 +34,10 @@ def _tree(root):
     (DIST, [], "saved with --use-distributed-optimizer and this run is without it"),
 ], ids=["plain-into-distributed", "distributed-into-plain"])
 def test_optimizer_state_of_the_other_kind_is_refused(tmp_path, first, second, needle):
+    """In the legacy format, whose optimizer files differ in kind (a torch_dist checkpoint holds the state
+    per parameter either way and loads into both: tests/distributed/test_dist_checkpoint.py)."""
     ck = tmp_path / "ck"
-    argv = TINY + ["--train-iters", "4", "--save", str(ck)]
+    argv = TINY + ["--train-iters", "4", "--save", str(ck), "--ckpt-format", "torch"]
     assert run_subprocess(argv + ["--exit-interval", "2"] + first).returncode == 0
     before = _tree(ck)
     assert any(f.endswith("distrib_optim.pt") for f in before) == bool(first)

@@ -90,7 +90,7 @@ def test_first_step_at_lr_zero_leaves_every_parameter_unchanged(tmp_path):
     from megatron.training.config import resolve_config
 
     argv = TINY + ["--train-iters", "1", "--lr-decay-iters", "10", "--eval-iters", "0", "--weight-decay", "0.1"]
-    assert run_inprocess(argv + ["--save", str(tmp_path / "ck")]) == 0
+    assert run_inprocess(argv + ["--save", str(tmp_path / "ck"), "--ckpt-format", "torch"]) == 0
     saved = torch.load(tmp_path / "ck" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt",
                        weights_only=True)
     assert saved["optimizer"]["adam"]["state"], "the optimizer did step (Adam moments exist)"

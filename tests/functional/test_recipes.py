@@ -1,5 +1,6 @@
 """The 1.3B recipes are the very scripts users launch; here they run through torchrun on CPU, shrunk."""
 
+import json
 import os
 import re
 import socket
@@ -62,9 +63,9 @@ def test_recipe_defaults_to_bf16_with_the_distributed_optimizer(tmp_path):
     for flag in ("bf16", "use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
         assert re.search(rf"^  {flag} \.+ True$", proc.stdout, re.M), flag
     assert len(recs) == 8 and recs[-1]["lm_loss"] < recs[0]["lm_loss"]
-    ranks = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "iter_0000008").iterdir())
-    assert ranks == ["mp_rank_00"]
-    assert (tmp_path / "run" / "checkpoints" / "iter_0000008" / "mp_rank_00" / "distrib_optim.pt").is_file()
+    folder = tmp_path / "run" / "checkpoints" / "iter_0000008"  # torch_dist, Megatron's default format
+    assert sorted(p.name for p in folder.glob("__*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert json.loads((folder / "common.json").read_text())["optimizer"]["distributed"] is True
 
 
 def test_recipe_refuses_an_unknown_precision(tmp_path):

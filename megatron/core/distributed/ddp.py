@@ -24,7 +24,7 @@ module waits for its bucket in a forward pre-hook, so the gather overlaps the ne
     glossary: dp = data-parallel size; bucket = a [n_b] slice of a buffer reduced by one collective
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterable, List, Optional
 
 import torch
@@ -48,6 +48,9 @@ class DataParallelGradSync:
                           `param_data` (gathered by `start_param_sync`)
     own_bucket:           parameters that get a bucket of their own (the tied word embedding of a
                           pipeline stage, so first and last stage shard it alike)
+    timers:               optional (`megatron/training/timers.py`): times `finish_grad_sync` as
+                          "grads-all-reduce" or "grads-reduce-scatter" (with overlap, the part of the
+                          reduction backward did not hide) and `start_param_sync` as "params-all-gather"
 
     Use per step: `zero_grad_buffer()`, backwards (all but the last inside `no_sync()`),
     `finish_grad_sync()`; the optimizer then reads `main_grad` or, distributed, its shards.
@@ -56,7 +59,7 @@ class DataParallelGradSync:
     def __init__(self, params: Iterable[nn.Parameter], group=None, *, grad_dtype: Optional[torch.dtype] = None,
                  bucket_numel: Optional[int] = None, overlap_grad_reduce: bool = False,
                  distributed_optimizer: bool = False, overlap_param_gather: bool = False,
-                 own_bucket: Iterable[nn.Parameter] = ()):
+                 own_bucket: Iterable[nn.Parameter] = (), timers=None):
         unique = {}
         for p in params:
             if p.requires_grad:
@@ -67,6 +70,7 @@ class DataParallelGradSync:
         self.rank = dist.get_rank(self.group) if self.dp > 1 else 0
         self.overlap_grad_reduce, self.distributed = overlap_grad_reduce, distributed_optimizer
         self.overlap_param_gather = overlap_param_gather
+        self.timers = timers
         alone = {id(p) for p in own_bucket}
         by_kind = {}  # one buffer per (param dtype, device), in registration order
         for p in self.params:
@@ -138,14 +142,18 @@ class DataParallelGradSync:
         """Launch the buckets the hooks did not, and wait for all."""
         if self.dp == 1:
             return
-        for bucket in self.buckets[self._next_to_launch:]:
-            self._launch(bucket)
-        for bucket in self.buckets:
-            if bucket.work is not None:  # None: already finished (a second call in the same step)
-                bucket.work.wait()
-                bucket.work = None
-            bucket.ready.clear()
+        with self._timer("grads-reduce-scatter" if self.distributed else "grads-all-reduce"):
+            for bucket in self.buckets[self._next_to_launch:]:
+                self._launch(bucket)
+            for bucket in self.buckets:
+                if bucket.work is not None:  # None: already finished (a second call in the same step)
+                    bucket.work.wait()
+                    bucket.work = None
+                bucket.ready.clear()
         self._next_to_launch = len(self.buckets)
+
+    def _timer(self, name: str):
+        return self.timers(name) if self.timers is not None else nullcontext()
 
     def zero_grad_buffer(self) -> None:
         for buf in self.buffers:
@@ -186,12 +194,13 @@ class DataParallelGradSync:
         """All-gather every bucket's updated shards into param_data (asynchronously)."""
         if not self.distributed or self.dp == 1:
             return
-        for bucket in self.buckets:
-            lo, hi = self.shard(bucket)
-            bucket.gather_work = all_gather_single(bucket.param_data, bucket.param_data[lo:hi], group=self.group,
-                                             async_op=True)
-        if not self.overlap_param_gather:
-            self.finish_param_sync()
+        with self._timer("params-all-gather"):
+            for bucket in self.buckets:
+                lo, hi = self.shard(bucket)
+                bucket.gather_work = all_gather_single(bucket.param_data, bucket.param_data[lo:hi],
+                                                       group=self.group, async_op=True)
+            if not self.overlap_param_gather:
+                self.finish_param_sync()
 
     def finish_param_sync(self, buckets: Optional[Iterable[Bucket]] = None) -> None:
         """Wait for the parameter all-gathers (of `buckets`, default all): before evaluation and saving."""

@@ -5,16 +5,25 @@ gradients are the data-parallel-reduced `main_grad` buffers (`distributed/ddp.py
 `--use-distributed-optimizer` each data-parallel rank holds and steps only its shard of every bucket
 (ZeRO-1), and the updated parameters are all-gathered.
 
-`step()` does, in order: read the gradients (an fp32 copy of 16-bit ones), unscale them (fp16), look for
-inf/NaN, update the loss scale, skip the step on overflow, clip by the global L2 norm, step, write the
-fp32 values back into the model and start the parameter all-gather. The inf/NaN verdict and the norm are
-reduced over the ranks that hold different gradients: the model-parallel group, or every rank with the
-distributed optimizer (the DP ranks then hold disjoint shards), so all ranks agree. It returns what the
-log line needs.
+A step is queued on the device without reading anything back (`launch_step`), then finished from the
+values the trainer reads once per iteration together with the loss and the stop flags (`finish_step`);
+`step()` does both, with its own single read, for callers that have nothing else to read.
 
-Without a loss scaler (bf16, fp32) an inf/NaN gradient is a fault, not an overflow to retry: with
-`check_for_nan` the step is not applied and the result says `nonfinite`, so the trainer can stop before
-the weights or a checkpoint are corrupted.
+`launch_step` does, in order: read the gradients (an fp32 copy of 16-bit ones), unscale them and look for
+inf/NaN (fp16: one foreach kernel), clip by the global L2 norm (the coefficient computed and applied on
+the device), step, write the fp32 values back into the model and start the parameter all-gather. The
+inf/NaN verdict and the norm are reduced over the ranks that hold different gradients: the model-parallel
+group, or every rank with the distributed optimizer (the DP ranks then hold disjoint shards), so all ranks
+agree. A step that must not be applied (an fp16 overflow; without a scaler, a non-finite norm under
+`check_for_nan`) is skipped on the device: the verdict goes to torch's fused AdamW as `found_inf`, which
+then leaves parameters, moments and step count untouched (and the unchanged values are what is written
+back and gathered). Torch's unfused AdamW (devices other than CPU and CUDA) cannot do that: there the
+verdict is read before the step, a second host read.
+
+`finish_step(norm, found_inf)` updates the loss scale (so the next iteration's loss uses it, as before)
+and returns what the log line needs. Without a loss scaler (bf16, fp32) an inf/NaN gradient is a fault, not
+an overflow to retry: with `check_for_nan` the step was not applied and the result says `nonfinite`, so
+the trainer can stop before the weights or a checkpoint are corrupted.
 """
 
 import math
@@ -28,7 +37,7 @@ from torch import nn
 from megatron.core import parallel_state
 from megatron.core.distributed import DataParallelGradSync
 from megatron.core.errors import UserError
-from megatron.core.optimizer.clip_grads import any_rank_found_inf, clip_grad_norm
+from megatron.core.optimizer.clip_grads import any_rank_found_inf, clip_grads_by_norm
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.core.optimizer.main_params import MainParam, build_main_params
 
@@ -59,6 +68,18 @@ class StepResult:
     skipped: bool
     loss_scale: float
     nonfinite: bool = False  # no scaler, check_for_nan, and an inf/NaN gradient: the step was not applied
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """A queued step's numbers, still on the device: what `finish_step` needs, read with the loss."""
+    grad_sq: torch.Tensor  # [] fp32, the squared gradient norm before clipping
+    found_inf: Optional[torch.Tensor]  # [] fp32, 1.0: the update was skipped; None: nothing was checked
+
+    def values(self) -> torch.Tensor:
+        """[2] float64: (squared norm, verdict), to be read in the caller's one device-to-host copy."""
+        found = torch.zeros_like(self.grad_sq) if self.found_inf is None else self.found_inf
+        return torch.stack([self.grad_sq, found]).double()  # [2]
 
 
 def fused_adamw_ok(params) -> bool:
@@ -117,26 +138,38 @@ class Optimizer:
         return parallel_state.get_model_parallel_group()
 
     def step(self) -> StepResult:
+        """`launch_step`, its one read, `finish_step`."""
+        return self.finish_step(*self.launch_step().values().tolist())
+
+    def launch_step(self) -> PendingStep:
+        """Queue the whole step on the device (module docstring); nothing is read back."""
         for m in self.mains:  # fp32 grads are read in place; 16-bit ones through an fp32 copy
             m.main.grad = m.grad.view_as(m.main) if m.grad.dtype == torch.float32 else m.grad.float().view_as(m.main)
         grads = [m.main.grad for m in self.mains]
         group = self._stats_group()
-        if self.scaler is not None:
-            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
-            found_inf = any_rank_found_inf(grads, group)
-            self.scaler.update(found_inf)
-            if found_inf:
-                self._drop_grad_copies()
-                return StepResult(float("nan"), True, self.loss_scale)
-        norm = clip_grad_norm([m.main for m in self.mains], self.config.clip_grad, group)
-        if self.scaler is None and self.config.check_for_nan and not math.isfinite(norm):
+        found_inf = None
+        if self.scaler is not None:  # unscaled and checked in one foreach kernel
+            found_inf = any_rank_found_inf(grads, group, unscale=1.0 / self.scaler.scale)  # []
+        sq = clip_grads_by_norm([m.main for m in self.mains], self.config.clip_grad, group)  # [] fp32
+        if self.scaler is None and self.config.check_for_nan:
+            found_inf = (~torch.isfinite(sq)).float()  # []
+        if found_inf is not None and not self.adam.defaults["fused"] and bool(found_inf):  # unfused: a host read
             self._drop_grad_copies()
-            return StepResult(norm, True, self.loss_scale, nonfinite=True)
+            return PendingStep(sq, found_inf)
+        self.adam.found_inf = found_inf if self.adam.defaults["fused"] else None  # fused AdamW skips on 1.0
         self.adam.step()
         self._drop_grad_copies()
         self._copy_main_to_model()
         self.sync.start_param_sync()
-        return StepResult(norm, False, self.loss_scale)
+        return PendingStep(sq, found_inf)
+
+    def finish_step(self, grad_sq: float, found_inf: float) -> StepResult:
+        """The step's outcome from its two numbers read on the host: updates the loss scale."""
+        grad_norm = math.sqrt(grad_sq)  # correctly rounded, as the log always had it (clip_grads.py)
+        if self.scaler is not None:
+            self.scaler.update(bool(found_inf))
+            return StepResult(float("nan") if found_inf else grad_norm, bool(found_inf), self.loss_scale)
+        return StepResult(grad_norm, bool(found_inf), self.loss_scale, nonfinite=bool(found_inf))
 
     def _drop_grad_copies(self) -> None:
         """Free the fp32 copies of 16-bit gradients now rather than at the next zero_grad: evaluation and

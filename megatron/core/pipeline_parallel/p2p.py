@@ -13,8 +13,13 @@ not exist sends nothing and returns None, so the schedule needs no special cases
     direction   from stage k to   what
     forward     k + 1             output activation of k          (send_forward / recv_forward)
     backward    k - 1             d loss / d input activation of k (send_backward / recv_backward)
+
+Each function takes an optional `timers` (`megatron/training/timers.py`) and times its exchange under
+Megatron's name (forward-recv, forward-send, backward-recv, backward-send, forward-send-backward-recv,
+backward-send-forward-recv); a stage without that peer sends nothing and times nothing.
 """
 
+from contextlib import nullcontext
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -60,53 +65,63 @@ def _exchange(send_next: Optional[torch.Tensor], send_prev: Optional[torch.Tenso
     return from_prev, from_next
 
 
-def recv_forward(shape: Shape, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _timed(timers, name: str):
+    return timers(name) if timers is not None else nullcontext()
+
+
+def recv_forward(shape: Shape, dtype: torch.dtype, timers=None) -> Optional[torch.Tensor]:
     """This stage's input activation from the previous stage; None on the first stage.
 
     The tensor is a leaf that requires grad, so after backward its .grad is what `send_backward` returns.
     """
     if ps.is_pipeline_first_stage():
         return None
-    x, _ = _exchange(None, None, (shape, dtype), None)
+    with _timed(timers, "forward-recv"):
+        x, _ = _exchange(None, None, (shape, dtype), None)
     return x.requires_grad_()
 
 
-def send_forward(output: torch.Tensor) -> None:
+def send_forward(output: torch.Tensor, timers=None) -> None:
     """Output activation to the next stage; nothing on the last stage."""
     if ps.is_pipeline_last_stage():
         return
-    _exchange(output, None, None, None)
+    with _timed(timers, "forward-send"):
+        _exchange(output, None, None, None)
 
 
-def recv_backward(shape: Shape, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def recv_backward(shape: Shape, dtype: torch.dtype, timers=None) -> Optional[torch.Tensor]:
     """Gradient of the loss w.r.t. this stage's output, from the next stage; None on the last stage."""
     if ps.is_pipeline_last_stage():
         return None
-    _, grad = _exchange(None, None, None, (shape, dtype))
+    with _timed(timers, "backward-recv"):
+        _, grad = _exchange(None, None, None, (shape, dtype))
     return grad
 
 
-def send_backward(input_grad: Optional[torch.Tensor]) -> None:
+def send_backward(input_grad: Optional[torch.Tensor], timers=None) -> None:
     """Gradient w.r.t. this stage's input to the previous stage; nothing on the first stage."""
     if ps.is_pipeline_first_stage():
         return
     assert input_grad is not None, "a non-first stage must send its input's gradient back"
-    _exchange(None, input_grad, None, None)
+    with _timed(timers, "backward-send"):
+        _exchange(None, input_grad, None, None)
 
 
-def send_forward_recv_backward(output: torch.Tensor, shape: Shape, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def send_forward_recv_backward(output: torch.Tensor, shape: Shape, dtype: torch.dtype,
+                               timers=None) -> Optional[torch.Tensor]:
     """Send this micro-batch's output on and, in the same batch, receive an output gradient back.
 
     On the last stage neither happens and None is returned.
     """
     if ps.is_pipeline_last_stage():
         return None
-    _, grad = _exchange(output, None, None, (shape, dtype))
+    with _timed(timers, "forward-send-backward-recv"):
+        _, grad = _exchange(output, None, None, (shape, dtype))
     return grad
 
 
-def send_backward_recv_forward(input_grad: Optional[torch.Tensor], shape: Shape,
-                               dtype: torch.dtype) -> Optional[torch.Tensor]:
+def send_backward_recv_forward(input_grad: Optional[torch.Tensor], shape: Shape, dtype: torch.dtype,
+                               timers=None) -> Optional[torch.Tensor]:
     """Send an input gradient back and, in the same batch, receive the next input activation.
 
     On the first stage neither happens and None is returned.
@@ -114,5 +129,6 @@ def send_backward_recv_forward(input_grad: Optional[torch.Tensor], shape: Shape,
     if ps.is_pipeline_first_stage():
         return None
     assert input_grad is not None, "a non-first stage must send its input's gradient back"
-    x, _ = _exchange(None, input_grad, (shape, dtype), None)
+    with _timed(timers, "backward-send-forward-recv"):
+        x, _ = _exchange(None, input_grad, (shape, dtype), None)
     return x.requires_grad_()

@@ -3,7 +3,7 @@
 Both schedules share one signature, so the trainer asks `get_forward_backward_func()` and calls it:
 
     metrics = fn(forward_step, data_iterator, model, num_microbatches, tensor_shape, dtype,
-                 forward_only=False, loss_scale=1.0, grad_sync=None)
+                 forward_only=False, loss_scale=1.0, grad_sync=None, timers=None)
 
 - `forward_step` (`ForwardStep` below) runs this stage's part of the model on the next micro-batch. On
   non-first stages the schedule has already called `model.set_input_tensor(x)` with the activation
@@ -14,6 +14,8 @@ Both schedules share one signature, so the trainer asks `get_forward_backward_fu
 - `grad_sync` (see `megatron.core.distributed.ddp`): every backward except the last runs inside
   `grad_sync.no_sync()`, then `grad_sync.finish_grad_sync()` is called, so the data-parallel all-reduce
   happens once per step and its buckets can start while the last backward is still running.
+- `timers` (optional, `megatron/training/timers.py`): `timers(name)` is a context manager; the schedule
+  times "forward-compute", "backward-compute" and, through `p2p`, each pipeline message.
 
 Returns the metrics dicts of the micro-batches, in order, on the last stage and [] on the others.
 
@@ -60,11 +62,12 @@ class _Step:
 
     def __init__(self, forward_step: ForwardStep, data_iterator: Iterator, model: nn.Module, num_microbatches: int,
                  tensor_shape: Sequence[int], dtype: torch.dtype, forward_only: bool, loss_scale: float,
-                 grad_sync):
+                 grad_sync, timers):
         assert num_microbatches >= 1, "need at least one micro-batch"
         self.forward_step, self.data_iterator, self.model = forward_step, data_iterator, model
         self.M, self.shape, self.dtype = num_microbatches, tuple(tensor_shape), dtype
         self.forward_only, self.loss_scale, self.grad_sync = forward_only, loss_scale, grad_sync
+        self.timers = timers
         self.first, self.last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         self.metrics: List[dict] = []
         self.backwards_done = 0
@@ -74,11 +77,12 @@ class _Step:
         the scaled loss to backprop."""
         if not self.first:
             self.model.set_input_tensor(input_tensor)
-        output, loss_fn = self.forward_step(self.data_iterator, self.model)
-        if self.last:
-            loss, metrics = loss_fn(output)
-            self.metrics.append(metrics)
-            return loss * (self.loss_scale / self.M)
+        with self.timer("forward-compute"):
+            output, loss_fn = self.forward_step(self.data_iterator, self.model)
+            if self.last:
+                loss, metrics = loss_fn(output)
+                self.metrics.append(metrics)
+                return loss * (self.loss_scale / self.M)
         assert tuple(output.shape) == self.shape and output.dtype == self.dtype, (
             f"stage output {tuple(output.shape)} {output.dtype} differs from the pipeline's static "
             f"tensor_shape {self.shape} {self.dtype}")
@@ -93,13 +97,16 @@ class _Step:
         self.backwards_done += 1
         is_last_backward = self.backwards_done == self.M
         no_sync = self.grad_sync.no_sync() if self.grad_sync is not None and not is_last_backward else nullcontext()
-        with no_sync:
+        with no_sync, self.timer("backward-compute"):
             # Last stage: output is the scaled loss (grad None means 1). Elsewhere: the received gradient.
             torch.autograd.backward(output, grad_tensors=output_grad)
         if input_tensor is None:
             return None
         # A stage whose output ignores its input still owes the previous stage a gradient: zeros.
         return input_tensor.grad if input_tensor.grad is not None else torch.zeros_like(input_tensor)
+
+    def timer(self, name: str):
+        return self.timers(name) if self.timers is not None else nullcontext()
 
     def finish(self) -> List[dict]:
         if not self.forward_only and self.grad_sync is not None:
@@ -110,10 +117,10 @@ class _Step:
 def forward_backward_no_pipelining(forward_step: ForwardStep, data_iterator: Iterator, model: nn.Module,
                                    num_microbatches: int, tensor_shape: Sequence[int], dtype: torch.dtype,
                                    forward_only: bool = False, loss_scale: float = 1.0,
-                                   grad_sync=None) -> List[dict]:
+                                   grad_sync=None, timers=None) -> List[dict]:
     """pp = 1: forward and backward each micro-batch in turn (only one graph alive at a time)."""
     step = _Step(forward_step, data_iterator, model, num_microbatches, tensor_shape, dtype,
-                 forward_only, loss_scale, grad_sync)
+                 forward_only, loss_scale, grad_sync, timers)
     for _ in range(num_microbatches):
         if forward_only:
             with torch.no_grad():
@@ -126,16 +133,16 @@ def forward_backward_no_pipelining(forward_step: ForwardStep, data_iterator: Ite
 def forward_backward_pipelining_1f1b(forward_step: ForwardStep, data_iterator: Iterator, model: nn.Module,
                                      num_microbatches: int, tensor_shape: Sequence[int], dtype: torch.dtype,
                                      forward_only: bool = False, loss_scale: float = 1.0,
-                                     grad_sync=None) -> List[dict]:
+                                     grad_sync=None, timers=None) -> List[dict]:
     """pp > 1: one-forward-one-backward; see the module docstring for the three phases."""
     step = _Step(forward_step, data_iterator, model, num_microbatches, tensor_shape, dtype,
-                 forward_only, loss_scale, grad_sync)
+                 forward_only, loss_scale, grad_sync, timers)
     shape, dtype, M = step.shape, step.dtype, num_microbatches
 
     if forward_only:  # evaluation: a plain relay of forwards, no graphs kept
         with torch.no_grad():
             for _ in range(M):
-                p2p.send_forward(step.forward(p2p.recv_forward(shape, dtype)))
+                p2p.send_forward(step.forward(p2p.recv_forward(shape, dtype, timers)), timers)
         return step.finish()
 
     pp, k = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
@@ -144,28 +151,28 @@ def forward_backward_pipelining_1f1b(forward_step: ForwardStep, data_iterator: I
     inputs, outputs = deque(), deque()  # micro-batches forwarded but not yet backwarded, oldest first
 
     for _ in range(warmup):
-        x = p2p.recv_forward(shape, dtype)
+        x = p2p.recv_forward(shape, dtype, timers)
         y = step.forward(x)
-        p2p.send_forward(y)
+        p2p.send_forward(y, timers)
         inputs.append(x)
         outputs.append(y)
 
-    x = p2p.recv_forward(shape, dtype) if steady > 0 else None
+    x = p2p.recv_forward(shape, dtype, timers) if steady > 0 else None
     for i in range(steady):
         y = step.forward(x)
-        dy = p2p.send_forward_recv_backward(y, shape, dtype)
+        dy = p2p.send_forward_recv_backward(y, shape, dtype, timers)
         inputs.append(x)
         outputs.append(y)
         dx = step.backward(inputs.popleft(), outputs.popleft(), dy)
         if i == steady - 1:  # no more forwards to receive
-            p2p.send_backward(dx)
+            p2p.send_backward(dx, timers)
         else:
-            x = p2p.send_backward_recv_forward(dx, shape, dtype)
+            x = p2p.send_backward_recv_forward(dx, shape, dtype, timers)
 
     for _ in range(warmup):
-        dy = p2p.recv_backward(shape, dtype)
+        dy = p2p.recv_backward(shape, dtype, timers)
         dx = step.backward(inputs.popleft(), outputs.popleft(), dy)
-        p2p.send_backward(dx)
+        p2p.send_backward(dx, timers)
 
     assert not inputs and not outputs
     return step.finish()

@@ -6,10 +6,13 @@ unchanged. r_t grows from r_0 to s (MSLG). Activations are batch-first `[b, s, h
 
 - config.py      flags as a dataclass, the layer set (`--random-ltd-layers 1-22`), validation
 - schedule.py    MSLG: r_t for iteration t, exact integer arithmetic
-- sampler.py     kept indices as a pure function of (seed, iteration, sample, layer): layout-invariant
-- routing.py     gather -> run layer -> scatter; what the transformer block calls
+- sampler.py     kept indices as a pure function of (seed, iteration, sample, layer): layout-invariant;
+                 a torch draw and its bit-identical numpy twin
+- routing.py     gather -> run layer -> scatter, an autograd pair saving only the row numbers; what the
+                 transformer block calls
 - sequence_parallel.py  the same under sequence parallelism: kept tokens to their kept-list owners
-- plan.py        per micro-batch: the draw's key (global sample ids) and r_t, built for the trainer
+- plan.py        per iteration: every micro-batch's indices drawn on the host ahead of the step (keyed by
+                 global sample ids and r_t), int32 on the device
 - accounting.py  layer-tokens per iteration and over a run, theoretical saving, training-length plans
 
 Glossary: b micro batch, G global batch, s sequence, r kept tokens, h hidden, L layers, n LTD layers,

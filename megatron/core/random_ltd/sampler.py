@@ -19,11 +19,21 @@ The per-sample key state is 64 bits (two 32-bit lanes) absorbed from (seed, t, l
 (seed, t, l, j) share a key function only with probability ~2**-64; within one (seed, t, l) distinct
 samples always get distinct key functions (j enters through a bijection).
 
+Two implementations of the one hash, equal bit for bit (tests/unit/random_ltd/test_sampler.py):
+
+- `kept_indices_for_layers`: torch, on any device, int64 arithmetic; the reference, and the draw for a
+  state built without indices (tests, tools).
+- `kept_indices_host`: numpy on the host in native uint32 arithmetic (a multiply wraps mod 2**32 by
+  itself, so a mix is 8 array passes instead of ~30 small kernels), int32 out. The trainer draws a whole
+  iteration with it ahead of the step (`plan.py`), so no draw kernel and no host-to-device copy of the
+  sample ids sits on the device's critical path.
+
 Glossary: n layers drawn at once, b micro batch, s sequence, r kept tokens.
 """
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -57,15 +67,21 @@ def _words(value: int, n: int):
     return [(value >> (32 * i)) & _M32 for i in range(n)]
 
 
-def position_keys(seed: int, iteration: int, sample_ids: torch.Tensor, layers: Sequence[int], seq_length: int):
-    """The 32-bit random key of every (layer, sample, position), distinct within each row: [n, b, s] int64."""
-    assert sample_ids.dim() == 1 and sample_ids.dtype == torch.long, "sample_ids must be a [b] LongTensor"
+def _layer_lanes(seed: int, iteration: int, layers: Sequence[int]):
+    """The 64-bit state (a, b) after absorbing (seed, t, l), per layer, in exact Python ints."""
     state = []
-    for layer in layers:  # (seed, t, l) absorbed on the host in exact Python ints
+    for layer in layers:
         a, b = _IV_A, _IV_B
         for word in _words(seed, 2) + _words(iteration, 2) + _words(layer, 1):
             a, b = _absorb(a, b, word)
         state.append((a, b))
+    return state
+
+
+def position_keys(seed: int, iteration: int, sample_ids: torch.Tensor, layers: Sequence[int], seq_length: int):
+    """The 32-bit random key of every (layer, sample, position), distinct within each row: [n, b, s] int64."""
+    assert sample_ids.dim() == 1 and sample_ids.dtype == torch.long, "sample_ids must be a [b] LongTensor"
+    state = _layer_lanes(seed, iteration, layers)  # (seed, t, l) absorbed on the host
     # non_blocking: a host-to-device copy that does not wait for the kernels already queued
     ab = torch.tensor(state, dtype=torch.long).to(sample_ids.device, non_blocking=True)  # [n, 2]
     a, b = _absorb(ab[:, :1], ab[:, 1:], sample_ids & _M32)  # [n, b], [n, b]
@@ -97,3 +113,35 @@ def kept_indices(
     iteration may use up to 64 bits. sample_ids [b] are each sample's index in the global batch.
     """
     return kept_indices_for_layers(seed, iteration, sample_ids, [layer], seq_length, kept_length)[0]  # [b, r]
+
+
+def _mix32_host(x: np.ndarray) -> np.ndarray:
+    """`_mix32` on a uint32 array, in place: uint32 products wrap mod 2**32, which is what `_mul32` computes."""
+    x ^= x >> 16
+    x *= np.uint32(0x85EBCA6B)
+    x ^= x >> 13
+    x *= np.uint32(0xC2B2AE35)
+    x ^= x >> 16
+    return x
+
+
+def kept_indices_host(seed: int, iteration: int, sample_ids: np.ndarray, layers: Sequence[int], seq_length: int,
+                      kept_length: int) -> np.ndarray:
+    """`kept_indices_for_layers` on the host with numpy, bit for bit: [n, b, r] int32 for sample_ids [b].
+
+    The r smallest of s distinct keys are one set, so argpartition + sort picks exactly what topk + sort does.
+    """
+    assert 1 <= kept_length <= seq_length, f"kept_length must be in 1..{seq_length}, got {kept_length}"
+    assert seq_length < 2 ** 31, "positions must fit in int32"
+    ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)  # [b]
+    assert (ids >= 0).all(), "sample ids are non-negative"
+    lanes = np.array(_layer_lanes(seed, iteration, layers), dtype=np.uint32).reshape(-1, 2)  # [n, 2]
+    a = _mix32_host(lanes[:, :1] ^ (ids & _M32).astype(np.uint32))  # [n, b]
+    b = _mix32_host(lanes[:, 1:] + a)  # [n, b], the sum wraps mod 2**32 like `(b + a) & _M32`
+    keys = a[:, :, None] ^ np.arange(seq_length, dtype=np.uint32)  # [n, b, s]
+    keys = _mix32_host(_mix32_host(keys) ^ b[:, :, None])  # [n, b, s]
+    if kept_length == seq_length:
+        chosen = np.broadcast_to(np.arange(seq_length, dtype=np.int32), keys.shape)  # [n, b, s]
+    else:
+        chosen = np.argpartition(keys, kept_length - 1, axis=-1)[..., :kept_length]  # [n, b, r], a set
+    return np.sort(chosen, axis=-1).astype(np.int32)  # [n, b, r]

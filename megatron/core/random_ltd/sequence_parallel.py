@@ -121,6 +121,7 @@ def run_layer_on_kept_sequence_parallel(
     padding_mask: Optional[torch.Tensor] = None,  # [b, s]
 ) -> torch.Tensor:
     """The sequence-parallel twin of `routing.run_layer_on_kept`: [b, s/tp, h] -> [b, s/tp, h]."""
+    idx = idx.long()  # [b, r]: the plan delivers int32; the route's gathers and advanced indexing take int64
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     s = chunk.shape[1] * tp
     route = kept_token_route(idx, s, tp, rank)

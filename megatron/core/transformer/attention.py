@@ -8,6 +8,11 @@ the fused `is_causal` path applies.
 Selective recomputation (`recompute_granularity="selective"`) recomputes only the core attention,
 softmax(QK^T)V with its dropout, in backward; see docs/training.md for why that saves little with SDPA.
 
+Attention dropout draws from the tracker's 'model-parallel-rng' stream (each TP rank its own heads' masks),
+so it runs under `get_rng_tracker().fork()`; without a draw (dropout 0, evaluation) nothing is forked. The
+fork and the recomputation swap generator states, so under `--torch-compile` that core attention runs
+outside the compiled graph (a graph break); attention without dropout stays inside it.
+
 QKV weight rows are grouped per query group, as in Megatron: `[G, nh/G + 2, hd]` x h, i.e. each group's
 nh/G query heads, then its one key head, then its one value head. Without grouped-query attention G = nh
 and this is `[nh, 3, hd]` (q, k, v per head). The tensor-parallel split is a contiguous slice of rows:
@@ -36,6 +41,18 @@ def core_attention(q, k, v, mask, dropout: float, causal: bool) -> torch.Tensor:
     # Attention probabilities are split by heads across TP ranks: their dropout must differ per rank.
     with get_rng_tracker().fork():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+@torch.compiler.disable
+def core_attention_outside_graph(q, k, v, mask, dropout: float, causal: bool, recompute: bool) -> torch.Tensor:
+    """`core_attention` (recomputed in backward if asked) where it swaps RNG states: never inside a
+    compiled graph."""
+    if recompute:
+        out = checkpoint(core_attention, q, k, v, others=(mask, dropout, causal))  # [b, nh, n, hd]
+    else:
+        out = core_attention(q, k, v, mask, dropout, causal)  # [b, nh, n, hd]
+    torch._dynamo.maybe_mark_dynamic(out, 2)  # the graph resuming after this call: any n
+    return out
 
 
 class SelfAttention(nn.Module):
@@ -90,10 +107,11 @@ class SelfAttention(nn.Module):
             if causal:
                 mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [b, 1, n, n]
             causal = False
-        if cfg.recompute_granularity == "selective" and self.training and torch.is_grad_enabled():
-            out = checkpoint(core_attention, q, k, v, others=(mask, dropout, causal))  # [b, nh, n, hd]
-        else:
-            out = core_attention(q, k, v, mask, dropout, causal)  # [b, nh, n, hd]
-        out = out.transpose(1, 2).reshape(b, n, nh * hd)  # [b, n, h/tp]
+        recompute = cfg.recompute_granularity == "selective" and self.training and torch.is_grad_enabled()
+        if recompute or dropout > 0:  # RNG states are swapped: the fork, the recompute's snapshot
+            out = core_attention_outside_graph(q, k, v, mask, dropout, causal, recompute)  # [b, nh, n, hd]
+        else:  # no draw: nothing to fork
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [b, nh, n, hd]
+        out = out.transpose(1, 2).flatten(2)  # [b, n, h/tp]
         return self.linear_proj(out)  # [b, n, h], or [b, n/tp, h] sequence parallel
 

@@ -53,6 +53,9 @@ class TransformerConfig:
     # Sequence parallelism (needs TP > 1): between the tensor-parallel GEMMs the residual stream, norms and
     # dropouts hold this rank's chunk of the sequence, [b, s/tp, h] (docs/parallelism.md).
     sequence_parallel: bool = False
+    # A torch.compile backend for each layer's forward ("inductor" with --torch-compile); None = eager.
+    # Runtime only: the checkpoint's model args do not carry it (layer.py, docs/training.md).
+    torch_compile: Optional[str] = None
 
     def __post_init__(self):
         if self.max_position_embeddings is None:

@@ -86,7 +86,8 @@ def train_checkpoint(root, arch, tokenizer_flags, name=None):
     argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
             "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "3", "--lr", "1e-2",
             "--lr-decay-style", "constant", *tokenizer_flags, "--mock-data", "--num-workers", "0",
-            "--eval-iters", "0", "--log-interval", "100", "--seed", "3", "--save", save, *ARCHS[arch]]
+            "--eval-iters", "0", "--log-interval", "100", "--seed", "3", "--save", save, *ARCHS[arch],
+            "--ckpt-format", "torch"]  # files these tests read and damage by name; torch_dist: test_hf_export.py
     assert run_inprocess(argv) == 0
     return save
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.random_ltd import RandomLTDState, forward_layer, kept_indices, run_layer_on_kept
+from tests.scripts import load_script
 
 
 class ToyAttention(torch.nn.Module):
@@ -176,3 +177,134 @@ def test_real_layer_matches_dense_run_with_dropped_keys_masked(pos_type, causal,
     for (name, _), g, w in zip([("hidden", None), *layer.named_parameters()], got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10, msg=name)
     assert got[1].abs().sum() > 0 and not torch.allclose(out[kept], hidden[kept]), "the layer did act"
+
+
+# ---- the routing pair against the routing it replaced --------------------------------------------------
+
+# The routing before issue 15, kept as the reference (bench/ltd_step_time.py runs it beside the new one):
+# `torch.gather`, which saves its whole [b, s, h] input for backward, and an out-of-place `Tensor.scatter`,
+# a full copy forward and backward.
+old_run_layer_on_kept = load_script("bench/ltd_step_time.py").old_run_layer_on_kept
+
+
+def _block(recompute=None, pos_type="rope", dropout=0.1):
+    from megatron.core.transformer.block import TransformerBlock
+    from megatron.core.transformer.config import TransformerConfig
+
+    cfg = TransformerConfig(num_layers=5, hidden_size=32, num_attention_heads=4, seq_length=24, vocab_size=64,
+                            hidden_dropout=dropout, attention_dropout=0.0, position_embedding_type=pos_type,
+                            recompute_granularity="full" if recompute else None,
+                            recompute_method=recompute and recompute[0],
+                            recompute_num_layers=recompute and recompute[1])
+    torch.manual_seed(0)
+    block = TransformerBlock(cfg).train()
+    for p in block.parameters():  # the model initialises them; a bare block does not
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    return block
+
+
+def _block_step(block, seed_input=1):
+    """Forward and backward of a block whose layers 1-3 drop tokens: (output, grads of input and params)."""
+    g = torch.Generator().manual_seed(seed_input)
+    emb = torch.randn(3, 24, 32, generator=g, requires_grad=True)
+    hidden = emb * 1.0  # [b, s, h], a non-leaf like an embedding's output
+    pos = torch.arange(24).expand(3, 24)  # [b, s]
+    pad = torch.arange(24)[None, :] >= torch.tensor([24, 20, 17])[:, None]  # [b, s]
+    ltd = RandomLTDState(seed=3, iteration=5, sample_ids=torch.arange(3), kept_length=8, layers=frozenset({1, 2, 3}))
+    torch.manual_seed(7)  # dropout masks: the same draws in both routings
+    out = block(hidden, pos, pad, ltd=ltd)  # [b, s, h]
+    upstream = torch.randn(out.shape, generator=g)
+    block.zero_grad(set_to_none=True)
+    (out * upstream).sum().backward()  # .backward: the reentrant checkpoint hands parameters no grad_fn edge
+    return out.detach(), [emb.grad, *(p.grad for p in block.parameters())]
+
+
+@pytest.mark.parametrize("recompute", [None, ("uniform", 1), ("uniform", 2), ("block", 2)],
+                         ids=["no-recompute", "uniform-1", "uniform-2", "block-2"])
+def test_pair_is_bit_identical_to_gather_and_scatter(monkeypatch, recompute):
+    """fp32 outputs and every gradient equal the old routing's bit for bit, chained through three LTD
+    layers (the kept rows written in place into the previous layer's output), with dropout, padding and
+    RoPE, with and without full recompute (a checkpoint's input must not be overwritten)."""
+    from megatron.core.random_ltd import routing
+
+    block = _block(recompute)
+    new_out, new_grads = _block_step(block)
+    monkeypatch.setattr(routing, "run_layer_on_kept", old_run_layer_on_kept)
+    old_out, old_grads = _block_step(block)
+    assert torch.equal(new_out, old_out)
+    for new, old in zip(new_grads, old_grads, strict=True):
+        assert torch.equal(new, old)
+
+
+def test_kept_rows_written_in_place_only_into_what_the_pass_owns():
+    """The block's input and a checkpoint's input are copied; a previous layer's output is written."""
+    layer = ToyAttention(causal=True)
+    hidden, _, pos, _ = make_inputs(b=2)
+    before = hidden.detach().clone()
+    state = RandomLTDState(seed=0, iteration=3, sample_ids=torch.arange(2), kept_length=6, layers=frozenset({1, 2}))
+    first = forward_layer(layer, hidden, 1, state, pos)  # [b, s, h]
+    assert first.data_ptr() != hidden.data_ptr() and torch.equal(hidden.detach(), before), "caller's input kept"
+    second = forward_layer(layer, first, 2, state, pos)
+    assert second.data_ptr() == first.data_ptr(), "the previous layer's output is written in place"
+    with torch.no_grad():  # a checkpoint's first run: its saved input requires grad
+        third = forward_layer(layer, second, 2, state, pos)
+    assert third.data_ptr() != second.data_ptr()
+    second.sum().backward()  # an expanded incoming gradient works (it is copied before being written)
+    assert hidden.grad is not None
+
+
+def test_int32_and_int64_indices_route_alike():
+    layer = ToyAttention(causal=False)
+    hidden, idx, pos, pad = make_inputs()
+    upstream = torch.randn(hidden.shape)
+    results = []
+    for index in (idx, idx.int()):
+        out = run_layer_on_kept(layer, hidden, index, pos, pad)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), [hidden, *layer.parameters()])))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while fn runs, a storage once (bench/saved_bytes.py's rule);
+    the caller's parameters are excluded by the caller."""
+    seen = {}
+
+    def pack(x):
+        st = x.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    return seen, out
+
+
+@pytest.mark.parametrize("pos_type", ["learned_absolute", "rope"])
+def test_ltd_layer_saves_at_most_its_share_of_a_dense_layer_plus_the_indices(pos_type):
+    """Saved for backward by one LTD layer at r/s = 1/4 <= (r/s) x the dense layer + the int32 row numbers;
+    the old routing also kept the whole [b, s, h] input."""
+    from megatron.core.transformer.config import TransformerConfig
+    from megatron.core.transformer.layer import TransformerLayer
+
+    b, s, h, r = 2, 64, 32, 16
+    cfg = TransformerConfig(num_layers=3, hidden_size=h, num_attention_heads=4, seq_length=s, vocab_size=64,
+                            hidden_dropout=0.1, attention_dropout=0.0, position_embedding_type=pos_type)
+    layer = TransformerLayer(cfg, 1).train()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    hidden = torch.randn(b, s, h, requires_grad=True) * 1.0  # [b, s, h]
+    pos = torch.arange(s).expand(b, s)
+    idx = kept_indices(1, 2, torch.arange(b), 1, s, r).int()  # [b, r], as the plan delivers them
+
+    def measured(fn):
+        seen, _ = _saved_bytes(fn)
+        return sum(v for k, v in seen.items() if k not in params)
+
+    dense = measured(lambda: layer(hidden, position_ids=pos))
+    ltd = measured(lambda: run_layer_on_kept(layer, hidden, idx, pos))
+    old = measured(lambda: old_run_layer_on_kept(layer, hidden, idx, pos))
+    index_bytes = 4 * b * r  # the flat int32 row numbers, saved once for both routing functions
+    assert ltd <= dense * r // s + index_bytes, (ltd, dense)
+    assert old >= dense * r // s + 4 * b * s * h, "the old gather pinned the whole input"

@@ -2,11 +2,12 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from megatron.core.random_ltd import kept_indices, kept_indices_for_layers
-from megatron.core.random_ltd.sampler import _mix32, _mul32, position_keys
+from megatron.core.random_ltd.sampler import _mix32, _mul32, kept_indices_host, position_keys
 
 
 def test_shape_sorted_unique_in_range():
@@ -130,3 +131,20 @@ def test_cpu_and_cuda_agree():
         assert torch.equal(cpu, gpu.cpu())
     many = kept_indices_for_layers(5, 6, ids.cuda(), list(range(1, 23)), 2048, 512)
     assert torch.equal(many.cpu(), kept_indices_for_layers(5, 6, ids, list(range(1, 23)), 2048, 512))
+
+
+def test_host_twin_equals_the_torch_draw_bit_for_bit():
+    """The numpy draw the trainer uses (uint32 arithmetic, argpartition) against the torch reference, over
+    random seeds, iterations and sample ids up to 64 bits, layer sets and shapes, r = 1 .. s."""
+    rng = random.Random(0)
+    for case in range(80):
+        seed = rng.choice([0, 1, 1234, 2 ** 32 + 5, 2 ** 64 - 1, rng.getrandbits(64)])
+        iteration = rng.choice([0, 1, 7, 2 ** 31 + 3, 2 ** 40, rng.getrandbits(64)])
+        s = rng.choice([1, 2, 16, 33, 128, 1000])
+        r = rng.choice([1, s, rng.randint(1, s)])
+        ids = [rng.choice([0, 1, rng.getrandbits(20), rng.getrandbits(40), 2 ** 63 - 1])
+               for _ in range(rng.randint(1, 6))]
+        layers = rng.sample(range(200), rng.randint(1, 4))
+        host = kept_indices_host(seed, iteration, np.array(ids), layers, s, r)  # [n, b, r]
+        want = kept_indices_for_layers(seed, iteration, torch.tensor(ids), layers, s, r)
+        assert host.dtype == np.int32 and np.array_equal(host, want.numpy()), (case, seed, iteration, ids, layers, s, r)
