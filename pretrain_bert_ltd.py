@@ -47,7 +47,7 @@ def forward_step(data_iterator, model):
         metrics["mlm accuracy"] = ((out.mlm_correct.float() * mask).sum().detach(), mask.sum())
         if out.binary_logits is not None:
             sop_correct = (out.binary_logits.argmax(-1) == batch["is_random"]).float()  # [b]
-            metrics["sop accuracy"] = (sop_correct.sum(), sop_correct.new_tensor(float(sop_correct.numel())))
+            metrics["sop accuracy"] = (sop_correct.sum(), sop_correct.new_full((), sop_correct.numel()))  # no host copy
         return loss, metrics
 
     return output, loss_fn
