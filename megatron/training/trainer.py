@@ -93,7 +93,9 @@ class Trainer:
         per_stage = self.L // pp  # this stage holds global layers [offset, offset + per_stage)
         stage_layers = c.run.stage_ltd_layers(ps.get_pipeline_model_parallel_rank() * per_stage, per_stage)
         self.ltd = RandomLTDPlan(c.training.seed, self.s, c.run.curve.schedule, stage_layers, self.mbs,
-                                 ps.get_data_parallel_rank(), dp)
+                                 ps.get_data_parallel_rank(), dp,
+                                 c.parallel.tensor_model_parallel_size if c.model.sequence_parallel else 1,
+                                 ps.get_tensor_model_parallel_rank())
         self.signals, self.deadline = signals, deadline or Deadline(c.training.exit_duration_in_mins)
         self.sched_samples = 0  # LR schedule progress: successful optimizer steps only (Megatron's num_steps)
         self.sched_layer_tokens = 0

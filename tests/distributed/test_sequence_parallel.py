@@ -6,7 +6,8 @@ reaching the full length at iteration 9, so the LTD layers change from routed to
 
 - TP=2 and TP=4, random-LTD on and off, learned positions and RoPE, with full recomputation, and
   TP=2 x PP=2 x DP=2 with the distributed optimizer: every iteration's loss within 1e-5 relative.
-- The kept indices every rank uses in every LTD layer are the single-process ones (recorded, compared).
+- The kept indices every rank uses in every LTD layer are the single-process ones (recorded, compared), and
+  every routed layer takes its route from the plan, made on the host with the draw.
 - The gradients of the LayerNorm parameters equal the single-process ones, and are wrong without the TP
   all-reduce of `sequence_parallel` gradients (so the test sees that all-reduce).
 - The LayerNorm/dropout/residual part of a layer's saved activations falls by tp per rank (measured).
@@ -69,11 +70,13 @@ def test_rope_and_recompute_with_sequence_parallel_ltd(tmp_path, data):  # noqa:
 
 
 def _record_indices(out_path, argv):
-    """Run the trainer, writing every (iteration, sample ids, layer) -> hash of the kept indices used."""
+    """Run the trainer, writing every (iteration, sample ids, layer) -> hash of the kept indices used. Under
+    sequence parallelism also check that every routed layer got its route from the plan (made on the host
+    with the draw, so the layer computes nothing that waits for the device): the key "unplanned routes"."""
     from megatron.core.random_ltd import routing
 
-    seen = {}
-    real = routing.RandomLTDState.indices_for
+    seen, unplanned = {}, []
+    real, real_sp = routing.RandomLTDState.indices_for, routing.run_layer_on_kept_sequence_parallel
 
     def spy(self, layer_number, seq_length):
         idx = real(self, layer_number, seq_length)
@@ -82,11 +85,17 @@ def _record_indices(out_path, argv):
             seen[key] = hashlib.sha256(idx.cpu().numpy().tobytes()).hexdigest()
         return idx
 
-    routing.RandomLTDState.indices_for = spy
+    def spy_sp(layer, chunk, idx, position_ids=None, padding_mask=None, route=None):
+        unplanned.append(route is None)
+        return real_sp(layer, chunk, idx, position_ids, padding_mask, route)
+
+    routing.RandomLTDState.indices_for, routing.run_layer_on_kept_sequence_parallel = spy, spy_sp
     try:
         assert run_inprocess(argv) == 0
     finally:
-        routing.RandomLTDState.indices_for = real
+        routing.RandomLTDState.indices_for, routing.run_layer_on_kept_sequence_parallel = real, real_sp
+    if unplanned:
+        seen["unplanned routes"] = sum(unplanned)
     with open(out_path, "w") as f:
         json.dump(seen, f)
 
@@ -104,6 +113,7 @@ def test_every_rank_keeps_the_single_process_tokens(tmp_path, data):  # noqa: F8
                     args=(argv + SP + GLOO + ["--tensor-model-parallel-size", "4"], str(tmp_path)))
     for rank in range(4):
         mine = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert mine.pop("unplanned routes") == 0, "a routed layer worked out its own route"
         assert mine == single, f"TP rank {rank} kept other tokens than the single process"
 
 

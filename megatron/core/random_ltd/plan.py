@@ -16,12 +16,18 @@ int32 result to the device in one copy, from pinned memory on CUDA so the copy i
 running kernels instead of waiting for them. The sample ids never leave the host. The trainer asks for
 iteration t + 1 right after queueing step t's optimizer, while the device is still busy.
 
+Under sequence parallelism (`sequence_parallel_size` tp > 1) the plan also works out, on the host, each LTD
+layer's route of kept tokens between the TP ranks (`sequence_parallel.kept_token_route`: which rows go
+where and the all-to-all split sizes). Computed on the device, the route's boolean selections and split
+sizes would each wait for the device, 2·tp times per LTD layer and micro-batch; here they cost nothing on
+the critical path and travel with the indices in the same single copy.
+
 Glossary: b micro batch, t 0-based iteration (completed optimizer steps), m micro-batch of the iteration,
 M micro-batches per iteration, n LTD layers of this stage, r kept tokens.
 """
 
-from dataclasses import dataclass
-from typing import FrozenSet, List, Optional
+from dataclasses import dataclass, replace
+from typing import Dict, FrozenSet, List, Optional
 
 import numpy as np
 import torch
@@ -29,6 +35,7 @@ import torch
 from megatron.core.datasets.samplers import global_sample_offsets
 from megatron.core.random_ltd.routing import RandomLTDState
 from megatron.core.random_ltd.sampler import kept_indices_host
+from megatron.core.random_ltd.sequence_parallel import KeptTokenRoute, kept_token_routes_host
 from megatron.core.random_ltd.schedule import MSLGSchedule
 
 
@@ -41,6 +48,8 @@ class RandomLTDPlan:
     micro_batch_size: int  # b
     data_parallel_rank: int
     data_parallel_size: int
+    sequence_parallel_size: int = 1  # tp under --sequence-parallel, else 1: no routes to prepare
+    tensor_parallel_rank: int = 0
 
     def kept_length(self, iteration: int) -> int:
         """r_t: tokens each LTD layer keeps per sample at 0-based iteration t (s when random-LTD is off)."""
@@ -59,9 +68,42 @@ class RandomLTDPlan:
         if r >= s:  # nothing drops this iteration
             return states
         kept = torch.from_numpy(kept_indices_host(self.seed, iteration, ids.reshape(-1), sorted(self.layers), s, r))
+        kept = kept.view(len(self.layers), num_micro_batches, b, r)  # [n, M, b, r] int32, on the host
+        routes = self._routes(kept)  # [M] of {layer: route} with host tensors, or None
+        flat = [kept.reshape(-1)] + ([] if routes is None else [t for rm in routes for rt in rm.values()
+                                                                for t in _route_tensors(rt)])
+        sizes = [x.numel() for x in flat]
+        buffer = torch.cat([x.to(torch.int32) for x in flat])  # one transfer for indices and routes
         if torch.device(device).type == "cuda":
-            kept = kept.pin_memory()  # a non_blocking copy from pageable memory would wait for the device
-        kept = kept.to(device, non_blocking=True).view(len(self.layers), num_micro_batches, b, r)  # [n, M, b, r]
+            buffer = buffer.pin_memory()  # a non_blocking copy from pageable memory would wait for the device
+        parts = iter(buffer.to(device, non_blocking=True).split(sizes))
+        kept = next(parts).view(len(self.layers), num_micro_batches, b, r)  # [n, M, b, r] int32
         for m, state in enumerate(states):
-            state.preload(s, kept[:, m])  # [n, b, r] int32
+            on_device = None if routes is None else {
+                layer: _with_tensors(rt, [next(parts) for _ in _ROUTE_TENSORS]) for layer, rt in routes[m].items()}
+            state.preload(s, kept[:, m], on_device)  # [n, b, r] int32
         return states
+
+    def _routes(self, kept: torch.Tensor) -> Optional[List[Dict[int, KeptTokenRoute]]]:
+        """Each micro-batch's sequence-parallel route for each LTD layer, from the host indices kept
+        [n, M, b, r]; None without sequence parallelism."""
+        tp = self.sequence_parallel_size
+        if tp == 1:
+            return None
+        n, M, b, r = kept.shape
+        routes = kept_token_routes_host(kept.numpy().reshape(n * M, b, r), self.seq_length, tp,
+                                        self.tensor_parallel_rank)  # [n·M], layer-major
+        order = sorted(self.layers)
+        return [{layer: routes[i * M + m] for i, layer in enumerate(order)} for m in range(M)]
+
+
+_ROUTE_TENSORS = ("send_sample", "send_local", "recv_slot")  # KeptTokenRoute's index tensors
+
+
+def _route_tensors(route: KeptTokenRoute) -> List[torch.Tensor]:
+    return [getattr(route, name) for name in _ROUTE_TENSORS]
+
+
+def _with_tensors(route: KeptTokenRoute, tensors: List[torch.Tensor]) -> KeptTokenRoute:
+    """The route with its index tensors replaced by their device copies (int32; split sizes stay host ints)."""
+    return replace(route, **dict(zip(_ROUTE_TENSORS, tensors)))

@@ -75,13 +75,20 @@ class RandomLTDState:
     kept_length: int  # r_t
     layers: FrozenSet[int]  # global layer numbers, 0-based
     _drawn: Dict[int, Dict[int, torch.Tensor]] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _routes: Dict[int, object] = field(default_factory=dict, init=False, compare=False, repr=False)  # layer -> route
     _last: List = field(default_factory=list, init=False, compare=False, repr=False)  # [weakref] to hidden
 
-    def preload(self, seq_length: int, kept: torch.Tensor) -> None:
-        """Indices drawn ahead: kept [n, b, r] int32 for sorted(layers) at this sequence length."""
+    def preload(self, seq_length: int, kept: torch.Tensor, routes: Optional[dict] = None) -> None:
+        """Indices drawn ahead: kept [n, b, r] int32 for sorted(layers) at this sequence length, and under
+        sequence parallelism each layer's route of kept tokens between the TP ranks ({layer: route})."""
         order = sorted(self.layers)
         assert kept.shape[0] == len(order) and kept.shape[-1] == self.kept_length, "one [b, r] per LTD layer"
         self._drawn[seq_length] = dict(zip(order, kept.unbind(0)))  # layer -> [b, r]
+        self._routes.update(routes or {})
+
+    def route_for(self, layer_number: int):
+        """The sequence-parallel route the plan prepared for this layer (a KeptTokenRoute), or None."""
+        return self._routes.get(layer_number)
 
     def indices_for(self, layer_number: int, seq_length: int) -> Optional[torch.Tensor]:
         """Sorted kept positions [b, r] int32 for this global layer, or None when it runs on all s tokens."""
@@ -208,7 +215,8 @@ def forward_layer(
     if idx is None:
         out = layer(hidden, position_ids=position_ids, padding_mask=padding_mask)  # [b, s, h] or [b, s/tp, h]
     elif tp > 1:
-        out = run_layer_on_kept_sequence_parallel(layer, hidden, idx, position_ids, padding_mask)  # [b, s/tp, h]
+        out = run_layer_on_kept_sequence_parallel(layer, hidden, idx, position_ids, padding_mask,
+                                                  ltd.route_for(layer_number))  # [b, s/tp, h]
     else:
         out = run_layer_on_kept(layer, hidden, idx, position_ids, padding_mask, ltd.owns(hidden))  # [b, s, h]
     if ltd is not None:

@@ -12,7 +12,8 @@ puts the whole kept sequence together in order, so causal attention and each tok
     layer                [b, r/tp, h] -> [b, r/tp, h], sequence parallel over the kept list
     back                 one all-to-all the other way; kept rows replaced in the chunk, others untouched
 
-Every rank knows every other rank's kept positions, so all split sizes are computed locally. A token
+Every rank knows every other rank's kept positions, so all split sizes are computed locally; in training
+the plan computes the route on the host (`plan.py`), so nothing here waits for the device. A token
 whose list slot lies in its own chunk's rank does not move: only tokens displaced across a chunk boundary
 travel (about √r per boundary and sample, scale.md §4.4 (d)). Norm gradients and dropout work as in any
 sequence-parallel layer (local tokens, the tracker's per-rank stream, gradients summed over TP). The
@@ -25,6 +26,7 @@ Glossary: b micro batch, s sequence, r kept tokens, h hidden, tp tensor-parallel
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -35,7 +37,7 @@ from megatron.core import parallel_state as ps
 class KeptTokenRoute:
     """Where this rank's kept tokens go and where its list slots come from (all in row-major order of
     (sample, list entry) within each peer's block, which is what makes both sides agree)."""
-    send_sample: torch.Tensor  # [n_send] sample of each row this rank sends, grouped by destination
+    send_sample: torch.Tensor  # [n_send] sample of each row this rank sends, grouped by destination (int)
     send_local: torch.Tensor  # [n_send] its position within this rank's chunk
     send_splits: List[int]  # rows to each TP rank
     recv_slot: torch.Tensor  # [n_recv] flat slot in [b, r/tp] of each row received, grouped by source
@@ -44,7 +46,9 @@ class KeptTokenRoute:
 
 
 def kept_token_route(idx: torch.Tensor, seq_length: int, tp: int, rank: int) -> KeptTokenRoute:
-    """The route of kept positions idx [b, r] for TP rank `rank` of `tp` (pure function, no communication)."""
+    """The route of kept positions idx [b, r] for TP rank `rank` of `tp` (pure function, no communication).
+    Its boolean selections and split sizes read values: on a GPU call it with host indices (as the plan
+    does), or each one waits for the device."""
     b, r = idx.shape
     assert seq_length % tp == 0 and r % tp == 0, f"sequence parallel LTD needs tp={tp} to divide s and r={r}"
     chunk, per = seq_length // tp, r // tp
@@ -58,6 +62,38 @@ def kept_token_route(idx: torch.Tensor, seq_length: int, tp: int, rank: int) -> 
         send_sample=send // r, send_local=idx.reshape(-1)[send] - rank * chunk,
         send_splits=[len(x) for x in sends],
         recv_slot=(recv // r) * per + (recv % r - rank * per), recv_splits=[len(x) for x in recvs], per_rank=per)
+
+
+def kept_token_routes_host(kept: np.ndarray, seq_length: int, tp: int, rank: int) -> List[KeptTokenRoute]:
+    """`kept_token_route` of each [b, r] in kept [N, b, r] (numpy, the host), all at once: the same routes,
+    int32 tensors on the host. The plan's way: a few array operations for a whole iteration's layers and
+    micro-batches instead of ~2·tp small ones per route."""
+    N, b, r = kept.shape
+    assert seq_length % tp == 0 and r % tp == 0, f"sequence parallel LTD needs tp={tp} to divide s and r={r}"
+    chunk, per = seq_length // tp, r // tp
+    # send: this rank's positions, ordered by (route, list owner d, sample, entry): with the kept list cut
+    # into its tp owners' blocks, [N, b, tp, per] -> [N, tp, b, per] is that order, row-major
+    blocks = kept.reshape(N, b, tp, per).transpose(0, 2, 1, 3)  # [N, tp, b, per]
+    sn, sd, si, sj = np.nonzero(blocks // chunk == rank)
+    sj = sd * per + sj
+    send_counts = np.bincount(sn * tp + sd, minlength=N * tp).reshape(N, tp)
+    # receive: this rank's block of every kept list, ordered by (route, position owner c, sample, entry)
+    mine = kept[:, :, rank * per:(rank + 1) * per]  # [N, b, per]
+    source = mine // chunk  # [N, b, per]
+    rn, ri, rj = (grid.reshape(-1) for grid in np.indices(mine.shape))  # row-major
+    key = rn * tp + source.reshape(-1)
+    order = np.argsort(key, kind="stable")  # row-major within each (route, source) group
+    recv_counts = np.bincount(key, minlength=N * tp).reshape(N, tp)
+    send_sample, send_local = si, kept[sn, si, sj] - rank * chunk
+    recv_slot = ri[order] * per + rj[order]  # flat slot in [b, r/tp]
+    as_int32 = [torch.from_numpy(x.astype(np.int32)) for x in (send_sample, send_local, recv_slot)]
+    send_bounds = np.concatenate([[0], np.cumsum(send_counts.sum(1))])
+    recv_bounds = np.concatenate([[0], np.cumsum(recv_counts.sum(1))])
+    return [KeptTokenRoute(send_sample=as_int32[0][send_bounds[k]:send_bounds[k + 1]],
+                           send_local=as_int32[1][send_bounds[k]:send_bounds[k + 1]],
+                           send_splits=send_counts[k].tolist(),
+                           recv_slot=as_int32[2][recv_bounds[k]:recv_bounds[k + 1]],
+                           recv_splits=recv_counts[k].tolist(), per_rank=per) for k in range(N)]
 
 
 def _all_to_all(rows: torch.Tensor, out_splits: List[int], in_splits: List[int]) -> torch.Tensor:
@@ -119,12 +155,16 @@ def run_layer_on_kept_sequence_parallel(
     idx: torch.Tensor,  # [b, r] sorted kept positions
     position_ids: Optional[torch.Tensor] = None,  # [b, s]
     padding_mask: Optional[torch.Tensor] = None,  # [b, s]
+    route: Optional[KeptTokenRoute] = None,
 ) -> torch.Tensor:
-    """The sequence-parallel twin of `routing.run_layer_on_kept`: [b, s/tp, h] -> [b, s/tp, h]."""
-    idx = idx.long()  # [b, r]: the plan delivers int32; the route's gathers and advanced indexing take int64
+    """The sequence-parallel twin of `routing.run_layer_on_kept`: [b, s/tp, h] -> [b, s/tp, h]. `route` is
+    idx's route for this rank, prepared by the plan; None: worked out here from idx."""
+    idx = idx.long()  # [b, r]: the plan delivers int32; torch.gather takes int64
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     s = chunk.shape[1] * tp
-    route = kept_token_route(idx, s, tp, rank)
+    if route is None:
+        route = kept_token_route(idx, s, tp, rank)
+    assert route.per_rank * tp == idx.shape[1], "the route was made for another kept length"
     part = _ToListOwners.apply(chunk, route)  # [b, r/tp, h]
     pos = idx if position_ids is None else torch.gather(position_ids, 1, idx)  # [b, r], original positions
     pad = None if padding_mask is None else torch.gather(padding_mask, 1, idx)  # [b, r]
