@@ -133,7 +133,7 @@ class Trainer:
                                      lg.profile and rank in lg.profile_ranks, self.device)
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak_tflops = lg.peak_tflops or default_peak_tflops(gpu, c.training.precision)  # None: no MFU
-        self._compile_reported = c.model.torch_compile is None
+        self._compiled = compile_stats() if c.model.torch_compile else None  # (graphs, seconds) reported so far
 
     # ---- checkpoints (megatron/checkpoint/training.py) ----------------------------------------------
     def save(self) -> None:
@@ -245,11 +245,19 @@ class Trainer:
             self._ltd_ahead = (t + 1, self.ltd.for_iteration(t + 1, self.num_micro, self.device))
         losses, result, agreed = self._read_step(metrics, pending)
         self.profiler.after_step(t + 1)
-        if not self._compile_reported:  # --torch-compile: the first step compiled the layers
-            self._compile_reported = True
-            graphs, seconds = compile_stats()
-            print_rank_0(f" torch.compile: {graphs} graphs compiled in {seconds:.1f} s during iteration {t + 1}")
+        self._report_compiles(f"iteration {t + 1}")  # the first step compiles the layers
         return losses, result, agreed
+
+    def _report_compiles(self, during: str) -> None:
+        """--torch-compile: a line for the graphs compiled since the last report (the first iteration, the
+        first evaluation, and any recompilation, which a new kept length r should never cause)."""
+        if self._compiled is None:
+            return
+        graphs, seconds = compile_stats()
+        if graphs > self._compiled[0]:
+            print_rank_0(f" torch.compile: {graphs - self._compiled[0]} graphs compiled in "
+                         f"{seconds - self._compiled[1]:.1f} s during {during}")
+        self._compiled = (graphs, seconds)
 
     def _read_step(self, metrics: list, pending):
         """The iteration's one host read, once the optimizer step is queued: the losses (reduced over DP), the
@@ -272,6 +280,7 @@ class Trainer:
         for _ in range(self.config.logging.eval_iters):
             values += self.forward_backward(self.forward_step, self._micro_batches(it, None), self.model,
                                             self.num_micro, self.tensor_shape, self.tensor_dtype, forward_only=True)
+        self._report_compiles("evaluation")
         return mean_metrics(values)
 
     # ---- the loop ---------------------------------------------------------------------------------
