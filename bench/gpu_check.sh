@@ -5,6 +5,7 @@
 #   run.log                 every command's full output, in order
 #   r2048.jsonl r1024.jsonl r512.jsonl    the trainer's --log-json of the three trainer runs
 # Steps:
+#  0. The trainer's host draw of random-LTD indices (numpy) against the torch draw on the GPU: identical.
 #  1. Which attention kernel SDPA runs (torch.profiler's aten op and kernel names) and its fwd+bwd time,
 #     for dropout 0 and 0.1 (the recipe's) at n = 2048 (dense) and 512 (r/s = 1/4): bf16, b 4, 16 heads,
 #     head dim 128, causal, as the model calls it.
@@ -83,6 +84,22 @@ run() {
 } > "$WORK/head.md" 2>&1
 cat "$WORK/head.md" >> "$OUT/run.log"
 
+# ---- 0. the host draw against the device draw ------------------------------------------------------------
+cat > "$WORK/draw.py" <<'PY'
+"""The numpy twin of the random-LTD hash (the trainer's host draw) against the torch draw on the device."""
+import sys, torch
+from megatron.core.random_ltd.sampler import kept_indices_for_layers, kept_indices_host
+dev, rows = torch.device(sys.argv[1]), []
+for seed, t, s, r in [(1234, 0, 2048, 1024), (2**63 + 5, 2**33, 4096, 1000), (0, 7, 197, 66)]:
+    ids, layers = torch.arange(64), list(range(1, 23))
+    host = torch.from_numpy(kept_indices_host(seed, t, ids.numpy(), layers, s, r)).long()
+    device = kept_indices_for_layers(seed, t, ids.to(dev), layers, s, r).cpu()
+    rows.append(f"| {seed} | {t} | {s} | {r} | {'identical' if torch.equal(host, device) else '**DIFFERENT**'} |")
+print(f"Host draw (numpy) against the torch draw on {dev}, 64 samples x 22 layers:\n")
+print("| seed | iteration | s | r | indices |\n|---|---|---|---|---|\n" + "\n".join(rows))
+PY
+run draw 60 $PY "$WORK/draw.py" $DEVICE
+
 # ---- 1. the SDPA backend --------------------------------------------------------------------------------
 cat > "$WORK/sdpa.py" <<'PY'
 """Which kernel F.scaled_dot_product_attention runs, fwd + bwd, causal, per (n, dropout)."""
@@ -157,6 +174,8 @@ keeps = [int(k) for k in sys.argv[5:]]
 read = lambda p: open(p).read() if os.path.exists(p) else ""
 failed = lambda name: read(os.path.join(work, name + ".failed")).strip()
 print(read(os.path.join(work, "head.md")))
+print("## 0. Random-LTD draw: host against device\n")
+print(f"FAILED ({failed('draw')}), see run.log\n" if failed("draw") else read(os.path.join(work, "draw.out")))
 print("## 1. SDPA backend (causal, fwd + bwd)\n")
 print(f"FAILED ({failed('sdpa')}), see run.log\n" if failed("sdpa") else read(os.path.join(work, "sdpa.md")))
 print("## 2. bench/ltd_step_time.py, old and new routing\n")

@@ -36,10 +36,12 @@ sequence, tensor (TP-split + attention) and routing:
                  replace the QKV output)
     routing      4·b·r                        LTD layer: the int32 row numbers [b·r] that random_ltd/routing.py's
                                               gather/scatter pair saves (once for both); nothing of [b, s, h]
-                 24·b·r/t                     LTD layer, sequence parallel: the int64 route of
-                                              random_ltd/sequence_parallel.py, held by its autograd nodes
-                                              (not a saved tensor): sample and chunk position of each kept
-                                              token in this rank's chunk, slot of each of its b·r/t list
+                 12·b·r/t                     LTD layer, sequence parallel: the int32 route of
+                                              random_ltd/sequence_parallel.py (the plan makes it with the
+                                              draw), held by its autograd nodes and the micro-batch's
+                                              random-LTD state (not a saved tensor): sample and chunk
+                                              position of each kept token in this rank's chunk, slot of
+                                              each of its b·r/t list
                                               entries. Chunks hold a random share of the kept tokens, so
                                               this is the mean over the TP ranks (exact: together they send
                                               b·r). No gather: nothing of [b, s, h] is kept
@@ -350,7 +352,7 @@ def layer_parts(setup: Setup, n: int, recompute: str) -> Dict[str, int]:
             tensor += 12 * b * (a // t) * n * n + b * n * (12 - 3 * beta) * h // t
         else:
             tensor += 4 * b * (a // t) * n
-    routing = 0 if n == s else 24 * b * n // t if setup.sp else 4 * b * n
+    routing = 0 if n == s else 12 * b * n // t if setup.sp else 4 * b * n
     return {"sequence": sequence, "tensor": tensor, "routing": routing}
 
 

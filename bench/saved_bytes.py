@@ -38,7 +38,8 @@ class SavedTensorMeter:
     (it saves its input, a norm's output) or the layer's own code (dropout masks) is "sequence"; the rest
     of attention and the MLP is "tensor"; the gap is "routing" (full recompute: "sequence", the layer's
     input). The sequence-parallel LTD route is not a saved tensor but attributes of the routing Functions'
-    autograd nodes; it is counted when built with grad enabled (the nodes then keep it until backward)."""
+    autograd nodes (and of the micro-batch's random-LTD state); it is counted when used with grad enabled
+    (the nodes then keep it until backward)."""
 
     def __init__(self, model, full_recompute: bool):
         self.skip = set(storages(model.parameters()))
@@ -60,13 +61,13 @@ class SavedTensorMeter:
                                  (layer.self_attention.linear_qkv, "sequence"), (layer.mlp.linear_fc1, "sequence")):
                 self.handles += [module.register_forward_pre_hook(lambda *_, p=part: self.parts.append(p)),
                                  module.register_forward_hook(lambda *_: self._leave())]
-        self.real_route = ltd_sequence_parallel.kept_token_route
-        ltd_sequence_parallel.kept_token_route = self._route
+        self.real_route = ltd_sequence_parallel._ToListOwners.apply
+        ltd_sequence_parallel._ToListOwners.apply = self._route
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-        ltd_sequence_parallel.kept_token_route = self.real_route
+        ltd_sequence_parallel._ToListOwners.apply = self.real_route
 
     def _enter(self, segment) -> None:
         if self.segment is not None:
@@ -87,14 +88,17 @@ class SavedTensorMeter:
         self._count(x)
         return x
 
-    def _route(self, *args, **kwargs):
-        route = self.real_route(*args, **kwargs)
-        if torch.is_grad_enabled():  # else no autograd node keeps it (the full-recompute forward)
+    def _route(self, chunk: torch.Tensor, route):
+        """The route's index tensors, counted by their own bytes: the plan's routes are slices of one buffer
+        (an iteration's indices and routes travel in one copy), so their storage would overcount."""
+        if torch.is_grad_enabled() and self.segment is not None:  # else no autograd node keeps it
             for field in dataclasses.fields(route):
                 value = getattr(route, field.name)
-                if isinstance(value, torch.Tensor):
-                    self._count(value)
-        return route
+                key = ("route", value.data_ptr(), value.numel()) if isinstance(value, torch.Tensor) else None
+                if key is not None and value.numel() and key not in self.seen:
+                    self.seen.add(key)
+                    self.bytes[self.segment, "routing"] += value.numel() * value.element_size()
+        return self.real_route(chunk, route)
 
     def by_layer(self) -> Dict[str, Dict[str, int]]:
         """{layer: {part: bytes}} ("outside" has one part, "sequence")."""

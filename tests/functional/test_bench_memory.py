@@ -134,7 +134,7 @@ def test_activation_formula_matches_saved_tensors(which, request):
 
 def test_sequence_parallel_splits_norms_dropout_residual_by_tp(tp2):
     """With --sequence-parallel at TP = 2 a rank keeps half of what the norms, dropouts and residual stream
-    save (exactly, measured), the same attention and MLP internals, and an LTD layer keeps its int64 route
+    save (exactly, measured), the same attention and MLP internals, and an LTD layer keeps its int32 route
     instead of its int32 row numbers. Every rank's model state, every dense layer on every rank and the
     LTD layer (its route averaged over the TP ranks) equal the formula exactly."""
     (off, off_results), (on, on_results) = tp2
@@ -160,8 +160,8 @@ def test_sequence_parallel_splits_norms_dropout_residual_by_tp(tp2):
         assert dense["sequence"] == (B * S * H * (4 * 4 + 2 * 4) + 4 * B * S * 4) / t
         assert ltd["sequence"] == (B * R * H * (4 * 4 + 2 * 4) + 4 * B * R * 4) / t
     assert no[1]["routing"] == 4 * B * R  # the int32 row numbers, nothing of [b, s, h]
-    # per rank 8·(2·kept tokens in its chunk + B·R/2 list slots); the chunks hold all B·R kept tokens
-    assert sum(res["layers"]["none"]["1"]["routing"] for res in on_results) == 8 * (2 * B * R + B * R)
+    # per rank 4·(2·kept tokens in its chunk + B·R/2 list slots), int32; the chunks hold all B·R kept tokens
+    assert sum(res["layers"]["none"]["1"]["routing"] for res in on_results) == 4 * (2 * B * R + B * R)
 
 
 def test_cli_prints_tables_and_refuses_bad_input(capsys):

@@ -25,8 +25,10 @@ def test_cpu_smoke_runs_every_step_into_a_fresh_folder_of_few_files(tmp_path):
     assert files == ["r16.jsonl", "r32.jsonl", "r64.jsonl", "run.log", "summary.md"]  # at most 7
     summary = (out / "summary.md").read_text()
     assert "FAILED" not in summary and "SKIPPED" not in summary, summary
-    for heading in ("## 1. SDPA backend", "## 2. bench/ltd_step_time.py", "## 3. The trainer"):
+    for heading in ("## 0. Random-LTD draw", "## 1. SDPA backend", "## 2. bench/ltd_step_time.py", "## 3. The trainer"):
         assert heading in summary
+    draw = summary.split("## 0. Random-LTD draw")[1].split("## 1.")[0]
+    assert draw.count("| identical |") == 3 and "DIFFERENT" not in draw, draw
     assert "aten::_scaled_dot_product" in summary  # which kernel ran, per dropout and length
     section = summary.split("## 3. The trainer")[1]
     trainer = [line for line in section.splitlines() if line.startswith(("| 64 |", "| 32 |", "| 16 |"))]
