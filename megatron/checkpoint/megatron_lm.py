@@ -307,10 +307,14 @@ def _check_names(model: Mapping, args: dict, where: str) -> None:
 
 # ---- the whole checkpoint --------------------------------------------------------------------------------
 def other_format_hint(folder: str) -> str:
-    """How to read a Megatron-LM iteration folder in a format other than `torch` ("" for any other folder):
-    `torch_dist` (Megatron-LM's default: `*.distcp` shards and `metadata.json`, no mp_rank_* folders)."""
+    """How to read an iteration folder that a `torch`-format reader cannot ("" for any other folder):
+    Megatron-LM's `torch_dist` (its default: `*.distcp` shards, `metadata.json` and a pickled `common.pt`,
+    whose key layout differs from ours), or our own `torch_dist` (`common.json`) in a legacy-only place."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    if "metadata.json" in names or any(n.endswith(".distcp") for n in names):
+    if "common.json" in names:
+        return ("; it is a megatron-ltd torch_dist checkpoint: --load, evaluation and export read it as it is, "
+                "and tools/checkpoint_util.py --merge (or --target-*-parallel-size) writes the legacy files")
+    if "metadata.json" in names or "common.pt" in names or any(n.endswith(".distcp") for n in names):
         return ("; it is Megatron-LM's torch_dist format: re-save it in the torch format with Megatron-LM "
                 "(--ckpt-convert-format torch --ckpt-convert-save DIR) and load that")
     return ""

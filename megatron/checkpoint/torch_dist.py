@@ -127,6 +127,11 @@ def read_common(folder: str) -> dict:
 
     path = os.path.join(folder, COMMON_JSON)
     if not os.path.isfile(path):
+        from megatron.checkpoint.megatron_lm import other_format_hint
+
+        hint = other_format_hint(folder)  # Megatron-LM's own torch_dist: common.pt, not our common.json
+        if hint:
+            raise UserError(f"{folder} is not a megatron-ltd checkpoint{hint}")
         raise UserError(f"{path} is missing: the {FORMAT} checkpoint in {folder} is incomplete")
     try:
         with open(path) as f:

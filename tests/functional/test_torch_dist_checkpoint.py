@@ -68,6 +68,15 @@ def test_truncated_shard_is_one_line_and_fallback_passes_it(run, tmp_path, capsy
     assert "trying iteration 2" in out and "successfully loaded checkpoint" in out and "at iteration 2" in out
 
 
+def test_legacy_only_reader_names_the_format_and_the_conversion(run):
+    from megatron.checkpoint.protocol import load_checkpoint
+    from megatron.core.errors import UserError
+
+    with pytest.raises(UserError, match="it is a megatron-ltd torch_dist checkpoint: --load, evaluation and export "
+                                        "read it as it is, and tools/checkpoint_util.py --merge"):
+        load_checkpoint(str(run / "ckpt"))
+
+
 def test_checkpoint_of_another_model_is_one_line(run, capsys):
     argv = ARGV + ["--load", str(run / "ckpt"), "--train-iters", "5"]
     argv[argv.index("--hidden-size") + 1] = "64"

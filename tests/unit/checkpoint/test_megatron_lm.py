@@ -258,6 +258,14 @@ def test_megatron_lm_formats_other_than_torch_say_how_to_read_them(tmp_path):
         read_checkpoint(str(tmp_path / "dist"))
     with pytest.raises(UserError, match=r"model_optim_rng.pt is missing; the checkpoint at .* is incomplete" + hint):
         protocol.load_checkpoint(str(tmp_path / "dist"))
+    # with DCP's .metadata and the pickled common.pt, as Megatron-LM writes them: the readers of our own
+    # torch_dist format recognise it as Megatron-LM's (not as one of ours missing its common.json)
+    from megatron.checkpoint.reader import load_unsharded_checkpoint
+
+    (tmp_path / "dist/iter_0000100/.metadata").write_bytes(b"")
+    (tmp_path / "dist/iter_0000100/common.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"iter_0000100 is not a megatron-ltd checkpoint" + hint):
+        load_unsharded_checkpoint(str(tmp_path / "dist"))
     (tmp_path / "dist/latest_checkpointed_iteration.txt").write_text("release")
     with pytest.raises(UserError, match="holds 'release', not an iteration number; a Megatron-LM release checkpoint: "
                                         "rename its release/ folder to iter_0000000"):
