@@ -17,7 +17,7 @@ running kernels instead of waiting for them. The sample ids never leave the host
 iteration t + 1 right after queueing step t's optimizer, while the device is still busy.
 
 Under sequence parallelism (`sequence_parallel_size` tp > 1) the plan also works out, on the host, each LTD
-layer's route of kept tokens between the TP ranks (`sequence_parallel.kept_token_route`: which rows go
+layer's route of kept tokens between the TP ranks (`sequence_parallel.kept_token_routes_host`: which rows go
 where and the all-to-all split sizes). Computed on the device, the route's boolean selections and split
 sizes would each wait for the device, 2·tp times per LTD layer and micro-batch; here they cost nothing on
 the critical path and travel with the indices in the same single copy.
