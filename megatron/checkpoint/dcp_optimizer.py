@@ -19,7 +19,7 @@ Glossary: q a quantity (fp32_param, exp_avg, exp_avg_sq); n_b a bucket's padded 
 data-parallel size; m a main parameter (the whole parameter, or this rank's slice of it).
 """
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -117,14 +117,15 @@ def _gather_to_owners(optimizer, qs: List[str]):
 
 # ---- loading ------------------------------------------------------------------------------------------------
 def optimizer_targets(optimizer, model: torch.nn.Module, tp_rank: int, tp: int, saved: Dict[str, torch.Size],
-                      step: int) -> Dict[str, Chunks]:
-    """{key: pieces to fill}: the whole parameter-shaped state of every parameter this rank keeps a slice
-    of (all of them without the distributed optimizer); `apply_loaded` then takes the slices. The fp32
-    main parameters come from `fp32_param` when the checkpoint has it (a 16-bit run's), else from the
-    weights of an fp32 checkpoint, read as fp32 in place of the model's own (rounded) load."""
+                      step: int) -> Tuple[Dict[str, Chunks], Dict[int, Dict[str, torch.Tensor]]]:
+    """({key: pieces to fill}, {id(parameter): {quantity: its whole state}}): the whole parameter-shaped
+    state of every parameter this rank keeps a slice of (all of them without the distributed optimizer),
+    which the pieces fill and `apply_loaded` then slices. The fp32 main parameters come from `fp32_param`
+    when the checkpoint has it (a 16-bit run's), else from the weights of an fp32 checkpoint, read as
+    fp32 in place of the model's own (rounded) load."""
     names = global_names(model)
     has_fp32 = any(k.startswith(FP32_PARAM) for k in saved)
-    optimizer._dcp_loading = loading = {}
+    loading: Dict[int, Dict[str, torch.Tensor]] = {}
     out = {}
     for m in optimizer.mains:
         p = m.model
@@ -136,14 +137,14 @@ def optimizer_targets(optimizer, model: torch.nn.Module, tp_rank: int, tp: int, 
         for q, t in wholes.items():
             source = MODEL + key if q == "fp32_param" and not has_fp32 else _prefix(q) + key
             out[source] = targets_for(t, p, key, tp_rank, tp, saved.get(source))
-    return out
+    return out, loading
 
 
 @torch.no_grad()
-def apply_loaded(optimizer, step: int) -> None:
-    """Put the loaded parameter-shaped state into the main parameters and AdamW (this rank's slices), and
-    the main parameters back into the model (a 16-bit model's weights are the rounded main parameters)."""
-    loading = optimizer.__dict__.pop("_dcp_loading")
+def apply_loaded(optimizer, loading: Dict[int, Dict[str, torch.Tensor]], step: int) -> None:
+    """Put the loaded parameter-shaped state (`optimizer_targets`' second value, filled) into the main
+    parameters and AdamW (this rank's slices), and the main parameters back into the model (a 16-bit
+    model's weights are the rounded main parameters)."""
     index = {id(t): i for i, t in enumerate(p for g in optimizer.adam.param_groups for p in g["params"])}
     adam_state = {}
     for m in optimizer.mains:

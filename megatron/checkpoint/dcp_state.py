@@ -15,13 +15,13 @@ the padded vocabulary (a multiple of `--make-vocab-size-divisible-by` x TP): a l
 the checkpoint has and zero-fills padding rows beyond them (rows below the tokenizer's size always
 exist), which is what `convert.repad_vocab` does offline.
 
-The distributed optimizer's flat shards are put back into parameter shapes by dist_optim_state.py.
+The distributed optimizer's flat shards are put back into parameter shapes by dcp_optimizer.py.
 
 Glossary: piece a rectangular block of a global tensor (dcp_io.Chunks); tp, tp_rank this stage's
 tensor-parallel size and rank.
 """
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -137,6 +137,3 @@ def saved_shapes(metadata) -> Dict[str, torch.Size]:
     """{key: global size} of every tensor in a DCP checkpoint's metadata."""
     return {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
 
-
-def keys_with_prefix(keys: Iterable[str], prefix: str) -> List[str]:
-    return [k for k in keys if k.startswith(prefix)]

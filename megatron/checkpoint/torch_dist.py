@@ -37,7 +37,8 @@ import torch.distributed as dist
 from megatron.checkpoint import protocol
 from megatron.checkpoint.dcp_io import METADATA, check_files, read_dcp, read_metadata, write_dcp
 from megatron.checkpoint.dcp_optimizer import adam_step, apply_loaded, optimizer_pieces, optimizer_targets
-from megatron.checkpoint.dcp_state import model_pieces, model_targets, saved_shapes, shape_problems
+from megatron.checkpoint.dcp_state import FP32_PARAM, MODEL, MOMENTS, model_pieces, model_targets, moment_prefix, \
+    saved_shapes, shape_problems
 from megatron.checkpoint.naming import COMMON_JSON, FORMAT_JSON, RNG_DIR, rng_file_relpath
 from megatron.checkpoint.rng import get_rng_state_with_tracker, set_rng_state_with_tracker
 from megatron.checkpoint.rng_json import rng_from_json, rng_to_json
@@ -98,8 +99,7 @@ def save(root: str, iteration: int, common: dict, model: torch.nn.Module, optimi
 
     def write(tmp: str) -> None:
         if rank0:
-            protocol.write_json_durably(common, os.path.join(tmp, COMMON_JSON))
-            protocol.write_json_durably(FORMAT_MARKER, os.path.join(tmp, FORMAT_JSON))
+            _write_common(tmp, common)
         if rng is not None:
             os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
             protocol.write_json_durably(rng, os.path.join(tmp, rng_file_relpath(tp_rank, pp_rank)))
@@ -117,6 +117,12 @@ def save(root: str, iteration: int, common: dict, model: torch.nn.Module, optimi
     report(f"  staged checkpoint at iteration {iteration:7d} in host memory; training continues while it is "
            f"written [ t {time.perf_counter() - t0:.2f}s ]")
     return pending
+
+
+def _write_common(tmp: str, common: dict) -> None:
+    """Rank 0's JSON files: the common state and Megatron's format marker."""
+    protocol.write_json_durably(common, os.path.join(tmp, COMMON_JSON))
+    protocol.write_json_durably(FORMAT_MARKER, os.path.join(tmp, FORMAT_JSON))
 
 
 # ---- loading --------------------------------------------------------------------------------------------
@@ -162,13 +168,14 @@ def load_into(ckpt: dict, model: torch.nn.Module, optimizer, *, tp_rank: int, tp
         raise UserError(f"{where} does not fit this model: {'; '.join(problems)}")
     step = int((ckpt.get("optimizer") or {}).get("step", 0))
     if load_optim:
-        state.update(optimizer_targets(optimizer, model, tp_rank, tp, saved, step))
+        targets, loading = optimizer_targets(optimizer, model, tp_rank, tp, saved, step)
+        state.update(targets)
         problems = shape_problems({k: v for k, v in state.items() if not k.startswith("model.")}, saved)
         if problems:
             raise UserError(f"{where} lacks optimizer state ({'; '.join(problems)}); add --no-load-optim")
     read_dcp(state, folder, metadata, group)
     if load_optim:
-        apply_loaded(optimizer, step)
+        apply_loaded(optimizer, loading, step)
         scaler = (ckpt.get("optimizer") or {}).get("grad_scaler")
         if optimizer.scaler is not None and scaler is not None:
             optimizer.scaler.load_state_dict(scaler)
@@ -193,8 +200,7 @@ def load_unsharded(folder: str, optimizer: bool = False) -> dict:
     """The checkpoint as one unsharded dict, as `convert.merge_checkpoint` gives a legacy one: `model` (the
     TP=1 PP=1 state dict), `args` (layout 1 x 1), the counters, and with `optimizer` the per-parameter
     state under convert.OPTIM_KEY ({"param"|"exp_avg"|"exp_avg_sq": {key: fp32}, "step"}) when it has it."""
-    from megatron.checkpoint.convert import KEPT_KEYS, OPTIM_KEY
-    from megatron.checkpoint.dcp_state import FP32_PARAM, MODEL, MOMENTS, moment_prefix
+    from megatron.checkpoint.convert import KEPT_KEYS, OPTIM_KEY  # convert imports this module
 
     common = read_common(folder)
     metadata = common["_metadata"]
@@ -224,8 +230,7 @@ def load_unsharded(folder: str, optimizer: bool = False) -> dict:
 def save_unsharded(root: str, iteration: int, ckpt: dict, report: Report = print) -> None:
     """Write an unsharded checkpoint dict (`load_unsharded`'s form, or a merged legacy one) as torch_dist in
     one process, with the crash-safe protocol; any layout resumes it (RNG states restart)."""
-    from megatron.checkpoint.convert import KEPT_KEYS, OPTIM_KEY
-    from megatron.checkpoint.dcp_state import FP32_PARAM, MODEL, MOMENTS, moment_prefix
+    from megatron.checkpoint.convert import KEPT_KEYS, OPTIM_KEY  # convert imports this module
 
     state = {MODEL + k: v for k, v in ckpt["model"].items()}
     optim = ckpt.get(OPTIM_KEY)
@@ -241,8 +246,7 @@ def save_unsharded(root: str, iteration: int, ckpt: dict, report: Report = print
                   optimizer={"distributed": optim is not None, "grad_scaler": scaler, "step": step})
 
     def write(tmp: str) -> None:
-        protocol.write_json_durably(common, os.path.join(tmp, COMMON_JSON))
-        protocol.write_json_durably(FORMAT_MARKER, os.path.join(tmp, FORMAT_JSON))
+        _write_common(tmp, common)
         write_dcp(state, tmp, no_dist=True)
 
     protocol.finish_save(root, iteration, write, protocol.begin_save(root, report))
