@@ -57,7 +57,7 @@ from megatron.training.metrics import (LogInterval, first_nonfinite_losses, mean
 from megatron.training.profiler import StepProfiler
 from megatron.training.signals import Deadline, SignalRecorder, any_rank, any_rank_on_device, ignore_stop_signals
 from megatron.training.state import TrainState
-from megatron.training.timers import Timers
+from megatron.core.timers import NO_TIMERS, Timers
 
 
 def _loader(dataset, consumed: int, mbs: int, seed: int, num_workers: int, worker_init_fn=None):
@@ -188,7 +188,7 @@ class Trainer:
         """This rank's micro-batches of iteration t, on the device, each with its random-LTD state (None in
         evaluation, t None: the full sequence). The states of iteration t were usually drawn while the device
         ran step t - 1 (`train_step`)."""
-        timers = self.timers if t is not None else Timers()  # evaluation is not timed
+        timers = self.timers if t is not None else NO_TIMERS  # evaluation is not timed
         states = [None] * self.num_micro if t is None else self._ltd_states(t)
         for m in range(self.num_micro):
             with timers("batch-generator"):

@@ -24,7 +24,7 @@ module waits for its bucket in a forward pre-hook, so the gather overlaps the ne
     glossary: dp = data-parallel size; bucket = a [n_b] slice of a buffer reduced by one collective
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterable, List, Optional
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 from megatron.core import parallel_state as ps
 from megatron.core.collectives import all_gather_single, reduce_scatter_single
 from megatron.core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer
+from megatron.core.timers import NO_TIMERS, Timers
 
 
 class DataParallelGradSync:
@@ -48,7 +49,7 @@ class DataParallelGradSync:
                           `param_data` (gathered by `start_param_sync`)
     own_bucket:           parameters that get a bucket of their own (the tied word embedding of a
                           pipeline stage, so first and last stage shard it alike)
-    timers:               optional (`megatron/training/timers.py`): times `finish_grad_sync` as
+    timers:               `megatron/core/timers.py` (default: none on): times `finish_grad_sync` as
                           "grads-all-reduce" or "grads-reduce-scatter" (with overlap, the part of the
                           reduction backward did not hide) and `start_param_sync` as "params-all-gather"
 
@@ -59,7 +60,7 @@ class DataParallelGradSync:
     def __init__(self, params: Iterable[nn.Parameter], group=None, *, grad_dtype: Optional[torch.dtype] = None,
                  bucket_numel: Optional[int] = None, overlap_grad_reduce: bool = False,
                  distributed_optimizer: bool = False, overlap_param_gather: bool = False,
-                 own_bucket: Iterable[nn.Parameter] = (), timers=None):
+                 own_bucket: Iterable[nn.Parameter] = (), timers: Timers = NO_TIMERS):
         unique = {}
         for p in params:
             if p.requires_grad:
@@ -142,7 +143,7 @@ class DataParallelGradSync:
         """Launch the buckets the hooks did not, and wait for all."""
         if self.dp == 1:
             return
-        with self._timer("grads-reduce-scatter" if self.distributed else "grads-all-reduce"):
+        with self.timers("grads-reduce-scatter" if self.distributed else "grads-all-reduce"):
             for bucket in self.buckets[self._next_to_launch:]:
                 self._launch(bucket)
             for bucket in self.buckets:
@@ -151,9 +152,6 @@ class DataParallelGradSync:
                     bucket.work = None
                 bucket.ready.clear()
         self._next_to_launch = len(self.buckets)
-
-    def _timer(self, name: str):
-        return self.timers(name) if self.timers is not None else nullcontext()
 
     def zero_grad_buffer(self) -> None:
         for buf in self.buffers:
@@ -194,7 +192,7 @@ class DataParallelGradSync:
         """All-gather every bucket's updated shards into param_data (asynchronously)."""
         if not self.distributed or self.dp == 1:
             return
-        with self._timer("params-all-gather"):
+        with self.timers("params-all-gather"):
             for bucket in self.buckets:
                 lo, hi = self.shard(bucket)
                 bucket.gather_work = all_gather_single(bucket.param_data, bucket.param_data[lo:hi],

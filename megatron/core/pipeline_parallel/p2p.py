@@ -14,18 +14,18 @@ not exist sends nothing and returns None, so the schedule needs no special cases
     forward     k + 1             output activation of k          (send_forward / recv_forward)
     backward    k - 1             d loss / d input activation of k (send_backward / recv_backward)
 
-Each function takes an optional `timers` (`megatron/training/timers.py`) and times its exchange under
+Each function takes `timers` (`megatron/core/timers.py`, default none on) and times its exchange under
 Megatron's name (forward-recv, forward-send, backward-recv, backward-send, forward-send-backward-recv,
 backward-send-forward-recv); a stage without that peer sends nothing and times nothing.
 """
 
-from contextlib import nullcontext
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
+from megatron.core.timers import NO_TIMERS, Timers
 
 Shape = Sequence[int]
 
@@ -65,63 +65,59 @@ def _exchange(send_next: Optional[torch.Tensor], send_prev: Optional[torch.Tenso
     return from_prev, from_next
 
 
-def _timed(timers, name: str):
-    return timers(name) if timers is not None else nullcontext()
-
-
-def recv_forward(shape: Shape, dtype: torch.dtype, timers=None) -> Optional[torch.Tensor]:
+def recv_forward(shape: Shape, dtype: torch.dtype, timers: Timers = NO_TIMERS) -> Optional[torch.Tensor]:
     """This stage's input activation from the previous stage; None on the first stage.
 
     The tensor is a leaf that requires grad, so after backward its .grad is what `send_backward` returns.
     """
     if ps.is_pipeline_first_stage():
         return None
-    with _timed(timers, "forward-recv"):
+    with timers("forward-recv"):
         x, _ = _exchange(None, None, (shape, dtype), None)
     return x.requires_grad_()
 
 
-def send_forward(output: torch.Tensor, timers=None) -> None:
+def send_forward(output: torch.Tensor, timers: Timers = NO_TIMERS) -> None:
     """Output activation to the next stage; nothing on the last stage."""
     if ps.is_pipeline_last_stage():
         return
-    with _timed(timers, "forward-send"):
+    with timers("forward-send"):
         _exchange(output, None, None, None)
 
 
-def recv_backward(shape: Shape, dtype: torch.dtype, timers=None) -> Optional[torch.Tensor]:
+def recv_backward(shape: Shape, dtype: torch.dtype, timers: Timers = NO_TIMERS) -> Optional[torch.Tensor]:
     """Gradient of the loss w.r.t. this stage's output, from the next stage; None on the last stage."""
     if ps.is_pipeline_last_stage():
         return None
-    with _timed(timers, "backward-recv"):
+    with timers("backward-recv"):
         _, grad = _exchange(None, None, None, (shape, dtype))
     return grad
 
 
-def send_backward(input_grad: Optional[torch.Tensor], timers=None) -> None:
+def send_backward(input_grad: Optional[torch.Tensor], timers: Timers = NO_TIMERS) -> None:
     """Gradient w.r.t. this stage's input to the previous stage; nothing on the first stage."""
     if ps.is_pipeline_first_stage():
         return
     assert input_grad is not None, "a non-first stage must send its input's gradient back"
-    with _timed(timers, "backward-send"):
+    with timers("backward-send"):
         _exchange(None, input_grad, None, None)
 
 
 def send_forward_recv_backward(output: torch.Tensor, shape: Shape, dtype: torch.dtype,
-                               timers=None) -> Optional[torch.Tensor]:
+                               timers: Timers = NO_TIMERS) -> Optional[torch.Tensor]:
     """Send this micro-batch's output on and, in the same batch, receive an output gradient back.
 
     On the last stage neither happens and None is returned.
     """
     if ps.is_pipeline_last_stage():
         return None
-    with _timed(timers, "forward-send-backward-recv"):
+    with timers("forward-send-backward-recv"):
         _, grad = _exchange(output, None, None, (shape, dtype))
     return grad
 
 
 def send_backward_recv_forward(input_grad: Optional[torch.Tensor], shape: Shape, dtype: torch.dtype,
-                               timers=None) -> Optional[torch.Tensor]:
+                               timers: Timers = NO_TIMERS) -> Optional[torch.Tensor]:
     """Send an input gradient back and, in the same batch, receive the next input activation.
 
     On the first stage neither happens and None is returned.
@@ -129,6 +125,6 @@ def send_backward_recv_forward(input_grad: Optional[torch.Tensor], shape: Shape,
     if ps.is_pipeline_first_stage():
         return None
     assert input_grad is not None, "a non-first stage must send its input's gradient back"
-    with _timed(timers, "backward-send-forward-recv"):
+    with timers("backward-send-forward-recv"):
         x, _ = _exchange(None, input_grad, (shape, dtype), None)
     return x.requires_grad_()

@@ -3,7 +3,7 @@
 Both schedules share one signature, so the trainer asks `get_forward_backward_func()` and calls it:
 
     metrics = fn(forward_step, data_iterator, model, num_microbatches, tensor_shape, dtype,
-                 forward_only=False, loss_scale=1.0, grad_sync=None, timers=None)
+                 forward_only=False, loss_scale=1.0, grad_sync=None, timers=NO_TIMERS)
 
 - `forward_step` (`ForwardStep` below) runs this stage's part of the model on the next micro-batch. On
   non-first stages the schedule has already called `model.set_input_tensor(x)` with the activation
@@ -14,7 +14,7 @@ Both schedules share one signature, so the trainer asks `get_forward_backward_fu
 - `grad_sync` (see `megatron.core.distributed.ddp`): every backward except the last runs inside
   `grad_sync.no_sync()`, then `grad_sync.finish_grad_sync()` is called, so the data-parallel all-reduce
   happens once per step and its buckets can start while the last backward is still running.
-- `timers` (optional, `megatron/training/timers.py`): `timers(name)` is a context manager; the schedule
+- `timers` (`megatron/core/timers.py`, default none on): `timers(name)` is a context manager; the schedule
   times "forward-compute", "backward-compute" and, through `p2p`, each pipeline message.
 
 Returns the metrics dicts of the micro-batches, in order, on the last stage and [] on the others.
@@ -38,6 +38,7 @@ from torch import nn
 
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import p2p
+from megatron.core.timers import NO_TIMERS, Timers
 
 
 Metric = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # a mean, or (numerator, denominator)
@@ -77,7 +78,7 @@ class _Step:
         the scaled loss to backprop."""
         if not self.first:
             self.model.set_input_tensor(input_tensor)
-        with self.timer("forward-compute"):
+        with self.timers("forward-compute"):
             output, loss_fn = self.forward_step(self.data_iterator, self.model)
             if self.last:
                 loss, metrics = loss_fn(output)
@@ -97,16 +98,13 @@ class _Step:
         self.backwards_done += 1
         is_last_backward = self.backwards_done == self.M
         no_sync = self.grad_sync.no_sync() if self.grad_sync is not None and not is_last_backward else nullcontext()
-        with no_sync, self.timer("backward-compute"):
+        with no_sync, self.timers("backward-compute"):
             # Last stage: output is the scaled loss (grad None means 1). Elsewhere: the received gradient.
             torch.autograd.backward(output, grad_tensors=output_grad)
         if input_tensor is None:
             return None
         # A stage whose output ignores its input still owes the previous stage a gradient: zeros.
         return input_tensor.grad if input_tensor.grad is not None else torch.zeros_like(input_tensor)
-
-    def timer(self, name: str):
-        return self.timers(name) if self.timers is not None else nullcontext()
 
     def finish(self) -> List[dict]:
         if not self.forward_only and self.grad_sync is not None:
@@ -117,7 +115,7 @@ class _Step:
 def forward_backward_no_pipelining(forward_step: ForwardStep, data_iterator: Iterator, model: nn.Module,
                                    num_microbatches: int, tensor_shape: Sequence[int], dtype: torch.dtype,
                                    forward_only: bool = False, loss_scale: float = 1.0,
-                                   grad_sync=None, timers=None) -> List[dict]:
+                                   grad_sync=None, timers: Timers = NO_TIMERS) -> List[dict]:
     """pp = 1: forward and backward each micro-batch in turn (only one graph alive at a time)."""
     step = _Step(forward_step, data_iterator, model, num_microbatches, tensor_shape, dtype,
                  forward_only, loss_scale, grad_sync, timers)
@@ -133,7 +131,7 @@ def forward_backward_no_pipelining(forward_step: ForwardStep, data_iterator: Ite
 def forward_backward_pipelining_1f1b(forward_step: ForwardStep, data_iterator: Iterator, model: nn.Module,
                                      num_microbatches: int, tensor_shape: Sequence[int], dtype: torch.dtype,
                                      forward_only: bool = False, loss_scale: float = 1.0,
-                                     grad_sync=None, timers=None) -> List[dict]:
+                                     grad_sync=None, timers: Timers = NO_TIMERS) -> List[dict]:
     """pp > 1: one-forward-one-backward; see the module docstring for the three phases."""
     step = _Step(forward_step, data_iterator, model, num_microbatches, tensor_shape, dtype,
                  forward_only, loss_scale, grad_sync, timers)

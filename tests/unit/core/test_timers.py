@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from megatron.training.timers import LEVELS, Timers
+from megatron.core.timers import LEVELS, Timers
 
 
 @pytest.fixture

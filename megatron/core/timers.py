@@ -5,6 +5,9 @@
         ...
     text, record = timers.report(iterations)  # every rank calls it: the min and max go over all of them
 
+The trainer owns one `Timers` and hands it to the schedule, the pipeline's p2p and the gradient sync;
+their default is `NO_TIMERS`, level 0.
+
 Each name has one level (`LEVELS`); a timer whose level is above `--timing-log-level` is a no-op, and so
 is every timer at level 0 (the default): timing off adds no synchronisation and no work. A timer that is
 on synchronises the GPU when it starts and stops (so queued kernels are charged to the region that
@@ -138,3 +141,6 @@ class Timers:
         lines = ["(min, max) time across ranks (ms):"] + [
             f"    {(name + ' ').ljust(48, '.')}: ({lo:.2f}, {hi:.2f})" for name, (lo, hi) in record.items()]
         return "\n".join(lines), record
+
+
+NO_TIMERS = Timers(0)  # every timer a no-op: the default of the modules that take `timers`
