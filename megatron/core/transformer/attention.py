@@ -38,6 +38,8 @@ from megatron.core.transformer.rope import apply_rope, rope_cos_sin
 
 def core_attention(q, k, v, mask, dropout: float, causal: bool) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v with dropout on the probabilities; q, k, v `[b, nh, n, hd]`."""
+    if dropout == 0:  # nothing drawn: nothing to fork (and nothing a compiled graph must break on)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     # Attention probabilities are split by heads across TP ranks: their dropout must differ per rank.
     with get_rng_tracker().fork():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
@@ -110,8 +112,8 @@ class SelfAttention(nn.Module):
         recompute = cfg.recompute_granularity == "selective" and self.training and torch.is_grad_enabled()
         if recompute or dropout > 0:  # RNG states are swapped: the fork, the recompute's snapshot
             out = core_attention_outside_graph(q, k, v, mask, dropout, causal, recompute)  # [b, nh, n, hd]
-        else:  # no draw: nothing to fork
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [b, nh, n, hd]
+        else:  # no draw: inside the compiled graph
+            out = core_attention(q, k, v, mask, 0.0, causal)  # [b, nh, n, hd]
         out = out.transpose(1, 2).flatten(2)  # [b, n, h/tp]
         return self.linear_proj(out)  # [b, n, h], or [b, n/tp, h] sequence parallel
 
