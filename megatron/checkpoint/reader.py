@@ -7,17 +7,18 @@ fine-tuning, in one process.
     ckpt.args    # the flags saved by the trainer
 
 `--load` names the checkpoint root (holding latest_checkpointed_iteration.txt) or one `iter_XXXXXXX`
-folder in it. A torch_dist checkpoint is read whole by DCP in this one process (torch_dist.py). A single-file checkpoint (`iter_X/mp_rank_00/`) is loaded as it is; a tensor- or
-pipeline-parallel one (`mp_rank_01/`, `mp_rank_00_001/`, ...) is merged in memory by convert.py, the
-logic behind `tools/checkpoint_util.py --merge`.
+folder in it. A torch_dist checkpoint is read whole by DCP in this one process (torch_dist.py). A
+single-file checkpoint (`iter_X/mp_rank_00/`) is loaded as it is; a tensor- or pipeline-parallel one
+(`mp_rank_01/`, `mp_rank_00_001/`, ...) is merged in memory by convert.py, the logic behind
+`tools/checkpoint_util.py --merge`.
 """
 
 import os
 from typing import NamedTuple, Optional, Tuple
 
+from megatron.checkpoint import torch_dist
 from megatron.checkpoint.convert import load_merged_checkpoint
 from megatron.checkpoint.naming import TRACKER, checkpoint_dir, parse_iteration_dir, parse_rank_dir, rank_dir_name
-from megatron.checkpoint import torch_dist
 from megatron.checkpoint.protocol import committed_dir, load_checkpoint, read_tracker
 from megatron.core.errors import UserError
 

@@ -36,6 +36,7 @@ import time
 from typing import Callable, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron.checkpoint import protocol, torch_dist
 from megatron.checkpoint.megatron_lm import IMPORTED
@@ -88,8 +89,6 @@ def checkpoint_group():
     """A gloo group over every rank for checkpoints: DCP exchanges its plans on it and an asynchronous save
     agrees on it from its own thread, never interleaving with training's collectives (a collective call;
     None in one process)."""
-    import torch.distributed as dist
-
     return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
 
